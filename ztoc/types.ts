@@ -1,0 +1,55 @@
+/** The data model of a zTOC, independent of its flatbuffers encoding. */
+
+/** Entry types as upstream spells them in `FileMetadata.type`. */
+export type FileType = 'reg' | 'hardlink' | 'symlink' | 'char' | 'block' | 'dir' | 'fifo';
+
+export const FILE_TYPES: readonly FileType[] = ['reg', 'hardlink', 'symlink', 'char', 'block', 'dir', 'fifo'];
+
+export interface FileMetadata {
+  /** The header's name as written, after PAX / GNU long-name resolution. */
+  name: string;
+  type: FileType;
+  /** Offset of the entry's data (just past its header blocks) in the uncompressed tar stream. */
+  uncompressedOffset: number;
+  /** The header's size field. */
+  uncompressedSize: number;
+  linkname: string;
+  /** The header's raw mode field. */
+  mode: number;
+  uid: number;
+  gid: number;
+  uname: string;
+  gname: string;
+  /** RFC 3339 text, e.g. `2024-05-01T10:20:30.5Z`. */
+  modTime: string;
+  devmajor: number;
+  devminor: number;
+  /** All PAX records of the entry, sorted by key (upstream calls these "xattrs"). */
+  paxRecords: Array<[string, string]>;
+}
+
+export type CompressionAlgorithm = 'gzip' | 'uncompressed';
+
+export interface CompressionInfo {
+  algorithm: CompressionAlgorithm;
+  /** Number of spans − 1 (−1 for an empty uncompressed layer). */
+  maxSpanId: number;
+  /** `sha256:<hex>` of each span's compressed bytes. */
+  spanDigests: string[];
+  /** The gzip checkpoint blob, or the flatbuffer `TarZinfo` for uncompressed layers. */
+  checkpoints: Uint8Array;
+}
+
+export interface Ztoc {
+  version: string;
+  buildToolIdentifier: string;
+  compressedArchiveSize: number;
+  uncompressedArchiveSize: number;
+  files: FileMetadata[];
+  compressionInfo: CompressionInfo;
+}
+
+export const ZTOC_VERSION = '0.9';
+export const DEFAULT_SPAN_SIZE = 1 << 22;
+/** Size of the deflate window carried by each checkpoint. */
+export const WINDOW_SIZE = 32768;
