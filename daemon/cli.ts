@@ -1,0 +1,258 @@
+/**
+ * The `soci-ts` command line. Exit codes: 0 ok, 1 user error (bad input or
+ * usage; one line on stderr), 2 internal error.
+ */
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import { readFile, rename, writeFile } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import {
+  buildZtocFromFile,
+  encodeZtoc,
+  extractFile,
+  FileBlobReader,
+  inflateEngine,
+  LayerIndex,
+  decodeZtoc,
+  modeString,
+  sha256Digest,
+  ZtocError,
+  ztocInfo,
+  DEFAULT_SPAN_SIZE,
+} from '../ztoc/index.js';
+
+export const VERSION = '0.1.0';
+
+/** A mistake of the user's (bad argument, missing file): exit code 1. */
+export class UsageError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'UsageError';
+  }
+}
+
+const SIZE_UNITS: Record<string, number> = { '': 1, k: 1 << 10, kib: 1 << 10, m: 1 << 20, mib: 1 << 20, g: 1 << 30, gib: 1 << 30 };
+
+/** Parse `4194304`, `4MiB`, `512k`. */
+export function parseSize(text: string): number {
+  const m = /^\s*(\d+)\s*([a-zA-Z]*)\s*$/.exec(text);
+  const unit = m ? SIZE_UNITS[m[2].toLowerCase()] : undefined;
+  if (!m || unit === undefined) throw new InvalidArgumentError(`"${text}" is not a size (e.g. 4194304, 4MiB, 512KiB)`);
+  const n = Number(m[1]) * unit;
+  if (!Number.isSafeInteger(n) || n <= 0) throw new InvalidArgumentError(`"${text}" is not a positive size`);
+  return n;
+}
+
+async function readZtocFile(path: string): Promise<{ index: LayerIndex; size: number }> {
+  const bytes = await readFile(path);
+  return { index: new LayerIndex(decodeZtoc(bytes, path), path), size: bytes.length };
+}
+
+/** Write a file atomically: a crash leaves the old file or the new one, never half of one. */
+async function writeAtomic(path: string, data: Uint8Array): Promise<void> {
+  const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.tmp`);
+  await writeFile(tmp, data);
+  await rename(tmp, path);
+}
+
+function progress(label: string, total: number): ((n: number) => void) | undefined {
+  if (!process.stderr.isTTY || total <= 0) return undefined;
+  let lastDraw = 0;
+  return (n: number) => {
+    const now = Date.now();
+    if (now - lastDraw < 100 && n < total) return;
+    lastDraw = now;
+    const pct = Math.min(100, Math.floor((n / total) * 100));
+    const width = 30;
+    const bar = '#'.repeat(Math.floor((pct / 100) * width)).padEnd(width, '.');
+    process.stderr.write(`\r${label} [${bar}] ${pct}% ${(n / 1e6).toFixed(1)}/${(total / 1e6).toFixed(1)} MB`);
+    if (n >= total) process.stderr.write('\n');
+  };
+}
+
+function printTable(rows: string[][]): void {
+  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));
+  for (const r of rows) process.stdout.write(r.map((cell, c) => (c === r.length - 1 ? cell : cell.padEnd(widths[c]))).join('  ') + '\n');
+}
+
+function ztocCommand(): Command {
+  const ztoc = new Command('ztoc').description('build and inspect zTOCs (per-layer indexes)');
+
+  ztoc
+    .command('build')
+    .description('build the zTOC of a local layer blob (.tar.gz or .tar)')
+    .argument('<layer>', 'layer blob: gzip-compressed or plain tar')
+    .requiredOption('-o, --output <file>', 'where to write the zTOC')
+    .addOption(new Option('--span-size <size>', 'uncompressed bytes between checkpoints').argParser(parseSize).default(DEFAULT_SPAN_SIZE, '4MiB'))
+    .option('--json', 'print the result as JSON')
+    .action(async (layer: string, opts: { output: string; spanSize: number; json?: boolean }) => {
+      const { stat } = await import('node:fs/promises');
+      const total = (await stat(layer)).size;
+      const started = performance.now();
+      const z = await buildZtocFromFile(layer, { spanSize: opts.spanSize, onProgress: progress('indexing', total) });
+      const bytes = encodeZtoc(z);
+      await writeAtomic(opts.output, bytes);
+      const seconds = (performance.now() - started) / 1000;
+      const result = {
+        ztoc: opts.output,
+        digest: sha256Digest(bytes),
+        size: bytes.length,
+        layer,
+        layer_size: z.compressedArchiveSize,
+        compression: z.compressionInfo.algorithm,
+        spans: z.compressionInfo.maxSpanId + 1,
+        files: z.files.length,
+        seconds: Number(seconds.toFixed(3)),
+      };
+      if (opts.json) process.stdout.write(JSON.stringify(result, null, 2) + '\n');
+      else {
+        process.stdout.write(
+          `${opts.output}: ${result.digest} (${result.size} bytes), ${result.files} entries, ${result.spans} spans, ` +
+            `${result.compression} layer of ${result.layer_size} bytes, in ${result.seconds} s\n`,
+        );
+      }
+    });
+
+  ztoc
+    .command('info')
+    .description('show a zTOC: version, build tool, sizes, spans and files')
+    .argument('<ztoc>', 'zTOC file')
+    .option('--json', 'print everything as JSON (the fields of upstream soci\'s `ztoc info`, plus spans)')
+    .action(async (path: string, opts: { json?: boolean }) => {
+      const { index, size } = await readZtocFile(path);
+      const info = ztocInfo(index, size);
+      if (opts.json) {
+        process.stdout.write(JSON.stringify(info, null, 2) + '\n');
+        return;
+      }
+      const lines = [
+        ['version', info.version],
+        ['build tool', info.build_tool],
+        ['zTOC size', `${info.size} bytes`],
+        ['compression', info.compression],
+        ['layer size', `${info.compressed_archive_size} bytes compressed, ${info.uncompressed_archive_size} bytes of tar`],
+        ['span size', String(info.span_size)],
+        ['spans', String(info.num_spans)],
+        ['files', `${info.num_files} (${info.num_multi_span_files} span several spans)`],
+      ];
+      printTable(lines.map(([k, v]) => [`${k}:`, v]));
+      process.stdout.write('\n');
+      printTable([
+        ['SPAN', 'COMPRESSED', 'UNCOMPRESSED', 'BITS', 'DIGEST'],
+        ...info.spans.map((s) => [
+          String(s.id),
+          `${s.compressed_start}-${s.compressed_end}`,
+          `${s.uncompressed_start}-${s.uncompressed_end}`,
+          String(s.bits),
+          s.digest,
+        ]),
+      ]);
+    });
+
+  ztoc
+    .command('list')
+    .description('list the entries of a zTOC, like `tar -tv`')
+    .argument('<ztoc>', 'zTOC file')
+    .option('--json', 'print the entries as JSON')
+    .action(async (path: string, opts: { json?: boolean }) => {
+      const { index } = await readZtocFile(path);
+      if (opts.json) {
+        process.stdout.write(JSON.stringify(index.ztoc.files, null, 2) + '\n');
+        return;
+      }
+      const rows = index.ztoc.files.map((f) => {
+        const owner = `${f.uname || f.uid}/${f.gname || f.gid}`;
+        const size = f.type === 'char' || f.type === 'block' ? `${f.devmajor},${f.devminor}` : String(f.uncompressedSize);
+        const link = f.type === 'symlink' ? ` -> ${f.linkname}` : f.type === 'hardlink' ? ` link to ${f.linkname}` : '';
+        return [modeString(f), owner, size, f.modTime, f.name + link];
+      });
+      if (rows.length > 0) printTable(rows);
+    });
+
+  ztoc
+    .command('get-file')
+    .description('extract one file of a layer through its zTOC')
+    .argument('<ztoc>', 'zTOC file')
+    .argument('<layer>', 'the layer blob the zTOC was built from')
+    .argument('<path>', 'path of the file inside the layer')
+    .option('-o, --output <file>', 'write the file here instead of stdout')
+    .action(async (ztocPath: string, layer: string, path: string, opts: { output?: string }) => {
+      const { index } = await readZtocFile(ztocPath);
+      let entry = index.file(path);
+      // Follow hardlinks to the entry that holds the data.
+      for (let hops = 0; entry?.type === 'hardlink' && hops < 64; hops++) entry = index.file(entry.linkname);
+      if (!entry) throw new UsageError(`${path}: no such file in ${ztocPath}`);
+      if (entry.type !== 'reg') throw new UsageError(`${path}: is a ${entry.type}, not a regular file`);
+      const blob = await FileBlobReader.open(layer);
+      try {
+        if (blob.size !== index.ztoc.compressedArchiveSize) {
+          throw new UsageError(
+            `${layer}: ${blob.size} bytes, but ${ztocPath} indexes a layer of ${index.ztoc.compressedArchiveSize} bytes`,
+          );
+        }
+        const data = await extractFile(index, blob, entry);
+        if (opts.output) await writeAtomic(opts.output, data);
+        else await writeToStdout(data);
+      } finally {
+        await blob.close();
+      }
+    });
+
+  return ztoc;
+}
+
+function writeToStdout(data: Uint8Array): Promise<void> {
+  return new Promise((resolve, reject) => {
+    process.stdout.write(data, (err) => (err ? reject(err) : resolve()));
+  });
+}
+
+export function buildProgram(): Command {
+  const program = new Command('soci-ts')
+    .description('Lazy-loading container images with Seekable OCI (SOCI) indexes')
+    .version(VERSION)
+    .showHelpAfterError('(run with --help for usage)')
+    .addHelpText(
+      'after',
+      '\nExit codes: 0 success, 1 user error (bad arguments or input; one line on stderr), 2 internal error.',
+    );
+  program.addCommand(ztocCommand());
+  program
+    .command('version')
+    .description('print version and the inflate engine in use')
+    .action(() => {
+      process.stdout.write(`soci-ts ${VERSION} (node ${process.version}, inflate: ${inflateEngine().name})\n`);
+    });
+  return program;
+}
+
+/** Is this error the user's to fix (bad input, missing file) rather than ours? */
+function isUserError(err: unknown): boolean {
+  if (err instanceof UsageError || err instanceof ZtocError) return true;
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  return code === 'ENOENT' || code === 'EACCES' || code === 'EISDIR' || code === 'ENOTDIR' || code === 'EPERM';
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  program.exitOverride();
+  program.configureOutput({ writeErr: (s) => process.stderr.write(s) });
+  for (const cmd of program.commands) {
+    cmd.exitOverride();
+    for (const sub of cmd.commands) sub.exitOverride();
+  }
+  try {
+    await program.parseAsync(argv);
+    return 0;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      // --help and --version end here with exit code 0.
+      return err.exitCode === 0 ? 0 : 1;
+    }
+    if (isUserError(err)) {
+      process.stderr.write(`soci-ts: ${(err as Error).message}\n`);
+      return 1;
+    }
+    process.stderr.write(`soci-ts: internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+    return 2;
+  }
+}
