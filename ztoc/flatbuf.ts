@@ -11,6 +11,7 @@ import { Builder } from 'flatbuffers';
 import { ZtocFormatError } from './errors.js';
 import {
   FILE_TYPES,
+  paxValueBytes,
   type CompressionAlgorithm,
   type FileMetadata,
   type FileType,
@@ -77,7 +78,7 @@ function writeFile(b: Builder, f: FileMetadata): number {
   const modTime = b.createString(f.modTime);
   const xattrOffsets = f.paxRecords.map(([key, value]) => {
     const k = b.createString(key);
-    const v = b.createString(value);
+    const v = b.createString(paxValueBytes(value));
     b.startObject(XattrSlot.count);
     b.addFieldOffset(XattrSlot.key, k, 0);
     b.addFieldOffset(XattrSlot.value, v, 0);
@@ -121,6 +122,8 @@ export function encodeTarZinfo(spanSize: number, size: number): Uint8Array {
 // ---------------------------------------------------------------- reading
 
 const utf8 = new TextDecoder('utf-8');
+// Not TextDecoder('latin1'): that is windows-1252, which remaps 0x80-0x9f.
+const latin1 = { decode: (b: Uint8Array): string => Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString('latin1') };
 
 /** A bounds-checked view of one flatbuffer. */
 class FlatReader {
@@ -166,6 +169,12 @@ class FlatReader {
     return utf8.decode(this.bytes.subarray(pos + 4, pos + 4 + len));
   }
 
+  byteString(pos: number, what: string): string {
+    const len = this.u32(pos, what);
+    this.check(pos + 4, len, what);
+    return latin1.decode(this.bytes.subarray(pos + 4, pos + 4 + len));
+  }
+
   /** Start and length of a vector of `elemSize`-byte elements. */
   vector(pos: number, elemSize: number, what: string): { start: number; length: number } {
     const length = this.u32(pos, what);
@@ -206,6 +215,12 @@ class Table {
   string(slot: number, name: string): string {
     const at = this.ref(slot);
     return at === 0 ? '' : this.r.string(at, `${this.what}.${name}`);
+  }
+
+  /** A string field as a byte string (one char per byte), for binary-safe PAX values. */
+  byteString(slot: number, name: string): string {
+    const at = this.ref(slot);
+    return at === 0 ? '' : this.r.byteString(at, `${this.what}.${name}`);
   }
 
   int8(slot: number, dflt: number): number {
@@ -312,7 +327,7 @@ function readFile(r: FlatReader, t: Table, index: number): FileMetadata {
   if (!FILE_TYPE_SET.has(type)) r.fail(`file ${index} has unknown type ${JSON.stringify(type)}`);
   const paxRecords: Array<[string, string]> = t
     .tables(FileSlot.xattrs, 'xattrs')
-    .map((x) => [x.string(XattrSlot.key, 'key'), x.string(XattrSlot.value, 'value')]);
+    .map((x) => [x.string(XattrSlot.key, 'key'), x.byteString(XattrSlot.value, 'value')]);
   return {
     name: t.string(FileSlot.name, 'name'),
     type: type as FileType,

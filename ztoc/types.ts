@@ -24,7 +24,12 @@ export interface FileMetadata {
   modTime: string;
   devmajor: number;
   devminor: number;
-  /** All PAX records of the entry, sorted by key (upstream calls these "xattrs"). */
+  /**
+   * All PAX records of the entry, sorted by key (upstream calls these "xattrs").
+   * Keys are text; values are *byte strings* (one char per byte, latin1) so that
+   * binary xattr values (e.g. security.capability) survive: use `paxValueBytes`
+   * or `paxValueText` to read them.
+   */
   paxRecords: Array<[string, string]>;
 }
 
@@ -53,3 +58,18 @@ export const ZTOC_VERSION = '0.9';
 export const DEFAULT_SPAN_SIZE = 1 << 22;
 /** Size of the deflate window carried by each checkpoint. */
 export const WINDOW_SIZE = 32768;
+
+/** The raw bytes of a PAX record value. */
+export function paxValueBytes(value: string): Uint8Array {
+  return Buffer.from(value, 'latin1');
+}
+
+/** A PAX record value as UTF-8 text (PAX says values are UTF-8, xattr values need not be). */
+export function paxValueText(value: string): string {
+  return Buffer.from(value, 'latin1').toString('utf8');
+}
+
+/** Turn bytes into the byte-string form used for PAX values. */
+export function paxValueFromBytes(bytes: Uint8Array): string {
+  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('latin1');
+}
