@@ -21,7 +21,7 @@ export const WINDOW_BITS_AUTO = 47;
 export const WINDOW_BITS_RAW = -15;
 
 /**
- * What one `inflate` call did. The engine owns one result object and
+ * What one `inflate` call did. Each inflater owns one result object and
  * overwrites it on every call (no allocation per call on the hot path).
  */
 export interface InflateStep {
@@ -38,7 +38,7 @@ export interface InflateStep {
 export interface Inflater {
   /**
    * Inflate from input[inStart, inEnd) into output[outStart, outEnd).
-   * Returns the engine's shared step object, overwritten by the next call.
+   * Returns the inflater's own step object, overwritten by its next call.
    */
   inflate(
     input: Uint8Array,
