@@ -18,6 +18,7 @@ import {
   ZtocError,
   ztocInfo,
   DEFAULT_SPAN_SIZE,
+  DEFAULT_MAX_ENTRIES,
 } from '../ztoc/index.js';
 
 export const VERSION = '0.1.0';
@@ -39,6 +40,14 @@ export function parseSize(text: string): number {
   if (!m || unit === undefined) throw new InvalidArgumentError(`"${text}" is not a size (e.g. 4194304, 4MiB, 512KiB)`);
   const n = Number(m[1]) * unit;
   if (!Number.isSafeInteger(n) || n <= 0) throw new InvalidArgumentError(`"${text}" is not a positive size`);
+  return n;
+}
+
+function parseCount(text: string): number {
+  const n = Number(text);
+  if (!/^\d+$/.test(text.trim()) || !Number.isSafeInteger(n) || n <= 0) {
+    throw new InvalidArgumentError(`"${text}" is not a positive whole number`);
+  }
   return n;
 }
 
@@ -83,12 +92,21 @@ function ztocCommand(): Command {
     .argument('<layer>', 'layer blob: gzip-compressed or plain tar')
     .requiredOption('-o, --output <file>', 'where to write the zTOC')
     .addOption(new Option('--span-size <size>', 'uncompressed bytes between checkpoints').argParser(parseSize).default(DEFAULT_SPAN_SIZE, '4MiB'))
+    .addOption(
+      new Option('--max-entries <n>', 'refuse layers with more tar entries (bounds memory)')
+        .argParser((v) => parseCount(v))
+        .default(DEFAULT_MAX_ENTRIES),
+    )
     .option('--json', 'print the result as JSON')
-    .action(async (layer: string, opts: { output: string; spanSize: number; json?: boolean }) => {
+    .action(async (layer: string, opts: { output: string; spanSize: number; maxEntries: number; json?: boolean }) => {
       const { stat } = await import('node:fs/promises');
       const total = (await stat(layer)).size;
       const started = performance.now();
-      const z = await buildZtocFromFile(layer, { spanSize: opts.spanSize, onProgress: progress('indexing', total) });
+      const z = await buildZtocFromFile(layer, {
+        spanSize: opts.spanSize,
+        maxEntries: opts.maxEntries,
+        onProgress: progress('indexing', total),
+      });
       const bytes = encodeZtoc(z);
       await writeAtomic(opts.output, bytes);
       const seconds = (performance.now() - started) / 1000;
@@ -132,7 +150,7 @@ function ztocCommand(): Command {
         ['layer size', `${info.compressed_archive_size} bytes compressed, ${info.uncompressed_archive_size} bytes of tar`],
         ['span size', String(info.span_size)],
         ['spans', String(info.num_spans)],
-        ['files', `${info.num_files} (${info.num_multi_span_files} span several spans)`],
+        ['files', `${info.num_files} (${info.num_multi_span_files} of them across several spans)`],
       ];
       printTable(lines.map(([k, v]) => [`${k}:`, v]));
       process.stdout.write('\n');

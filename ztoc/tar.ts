@@ -25,7 +25,7 @@ export interface TarIndexerOptions {
 const BLOCK = 512;
 /** Go's maxSpecialFileSize: the cap on a PAX header or GNU long name/link payload. */
 const MAX_SPECIAL = 1 << 20;
-const DEFAULT_MAX_ENTRIES = 1 << 20;
+export const DEFAULT_MAX_ENTRIES = 1 << 20;
 
 // Parser states.
 const S_HEADER = 0; // collecting a 512-byte header block
