@@ -14,6 +14,7 @@ import {
   decodeZtoc,
   encodeZtoc,
   LayerIndex,
+  paxValueBytes,
   paxValueText,
   readZtoc,
   ZtocError,
@@ -196,4 +197,18 @@ t.test('not a flatbuffer at all', async (t) => {
   } catch (err) {
     t.match(String(err), /junk\.ztoc/, 'error names the file');
   }
+});
+
+t.test('binary xattr values survive tar -> zTOC -> bytes -> zTOC', async (t) => {
+  const src = join(dir, 'xattr-src');
+  const value = Buffer.from([0x01, 0x00, 0x00, 0x02, 0x80, 0xff, 0xc3, 0x28, 0x00, 0x9f]);
+  await run('sh', ['-c', `mkdir -p '${src}' && echo cap > '${src}/bin' && setfattr -n user.bin -v 0x${value.toString('hex')} '${src}/bin'`]);
+  const tarGz = join(dir, 'xattr.tar.gz');
+  await run('sh', ['-c', `tar -C '${src}' --format=posix --xattrs --xattrs-include='*' -cf - bin | gzip > '${tarGz}'`]);
+  const z = await buildZtocFromFile(tarGz);
+  const rec = z.files[0].paxRecords.find(([k]) => k === 'SCHILY.xattr.user.bin');
+  t.ok(rec, 'the xattr is recorded');
+  t.same(Buffer.from(paxValueBytes(rec![1])), value, 'exact bytes from the tar');
+  const back = decodeZtoc(encodeZtoc(z)).files[0].paxRecords.find(([k]) => k === 'SCHILY.xattr.user.bin');
+  t.same(Buffer.from(paxValueBytes(back![1])), value, 'exact bytes after a round trip');
 });
