@@ -254,30 +254,26 @@ class Table {
   }
 
   /** Visit each table of a vector of tables. */
-  tables(slot: number, name: string): Table[] {
+  /** A vector of offsets (tables or strings), each element read by `read`. */
+  private offsetVector<T>(slot: number, name: string, read: (pos: number, what: string) => T): T[] {
     const at = this.ref(slot);
     if (at === 0) return [];
     const what = `${this.what}.${name}`;
     const { start, length } = this.r.vector(at, 4, what);
-    const out = new Array<Table>(length);
+    const out = new Array<T>(length);
     for (let i = 0; i < length; i++) {
       const p = start + i * 4;
-      out[i] = this.r.table(p + this.r.u32(p, what), `${what}[${i}]`);
+      out[i] = read(p + this.r.u32(p, what), `${what}[${i}]`);
     }
     return out;
   }
 
+  tables(slot: number, name: string): Table[] {
+    return this.offsetVector(slot, name, (pos, what) => this.r.table(pos, what));
+  }
+
   strings(slot: number, name: string): string[] {
-    const at = this.ref(slot);
-    if (at === 0) return [];
-    const what = `${this.what}.${name}`;
-    const { start, length } = this.r.vector(at, 4, what);
-    const out = new Array<string>(length);
-    for (let i = 0; i < length; i++) {
-      const p = start + i * 4;
-      out[i] = this.r.string(p + this.r.u32(p, what), `${what}[${i}]`);
-    }
-    return out;
+    return this.offsetVector(slot, name, (pos, what) => this.r.string(pos, what));
   }
 
   bytes(slot: number, name: string): Uint8Array {
