@@ -12,7 +12,7 @@ import * as path from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
-import { FixtureError, FixtureUnavailableError, hasCommand, run, testCacheDir } from './layers.js';
+import { acquireLock, exists, FixtureError, FixtureUnavailableError, hasCommand, run, testCacheDir } from './layers.js';
 import { RegistryError, registryRequest, skopeoCopy, type Registry } from './registry.js';
 
 /** Bump when a recipe below changes, so cached layouts of the old recipe are not reused. */
@@ -143,59 +143,7 @@ export interface PushedImage {
 }
 
 // ---------------------------------------------------------------------------------------
-// Cache and locking (same scheme as layers.ts, whose helpers are private there)
-
-async function exists(p: string): Promise<boolean> {
-  try {
-    await fsp.lstat(p);
-    return true;
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false;
-    throw e;
-  }
-}
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-async function acquireLock(target: string, timeoutMs: number): Promise<() => Promise<void>> {
-  const lock = `${target}.lock`;
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      await fsp.mkdir(lock);
-      await fsp.writeFile(path.join(lock, 'pid'), String(process.pid));
-      return () => fsp.rm(lock, { recursive: true, force: true });
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
-    }
-    let stale = false;
-    try {
-      const pid = Number((await fsp.readFile(path.join(lock, 'pid'), 'utf8')).trim());
-      stale = !Number.isInteger(pid) || pid <= 0 || !pidAlive(pid);
-    } catch {
-      try {
-        stale = Date.now() - (await fsp.stat(lock)).mtimeMs > 30_000;
-      } catch {
-        stale = false;
-      }
-    }
-    if (stale) {
-      await fsp.rm(lock, { recursive: true, force: true });
-      continue;
-    }
-    if (Date.now() > deadline) throw new FixtureError(target, `timed out waiting for lock ${lock}`);
-    await sleep(200);
-  }
-}
+// Cache and locking: the same scheme as layers.ts
 
 const inFlight = new Map<string, Promise<string>>();
 

@@ -184,7 +184,7 @@ export function testCacheDir(): string {
   return env !== undefined && env !== '' ? env : '/var/tmp/soci-ts-test-cache';
 }
 
-async function exists(p: string): Promise<boolean> {
+export async function exists(p: string): Promise<boolean> {
   try {
     await fsp.lstat(p);
     return true;
@@ -206,7 +206,7 @@ function pidAlive(pid: number): boolean {
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** Takes `${target}.lock` (a directory holding the owner's pid); breaks locks of dead owners. */
-async function acquireLock(target: string, timeoutMs: number): Promise<() => Promise<void>> {
+export async function acquireLock(target: string, timeoutMs: number): Promise<() => Promise<void>> {
   const lock = `${target}.lock`;
   const deadline = Date.now() + timeoutMs;
   for (;;) {
