@@ -12,7 +12,7 @@ import * as path from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
-import { acquireLock, exists, FixtureError, FixtureUnavailableError, hasCommand, run, testCacheDir } from './layers.js';
+import { cached, exists, FixtureError, FixtureUnavailableError, hasCommand, run, testCacheDir } from './layers.js';
 import { RegistryError, registryRequest, skopeoCopy, type Registry } from './registry.js';
 
 /** Bump when a recipe below changes, so cached layouts of the old recipe are not reused. */
@@ -140,44 +140,6 @@ export interface PushedImage {
   manifestBytes: Buffer;
   configDigest: string;
   layers: PushedLayer[];
-}
-
-// ---------------------------------------------------------------------------------------
-// Cache and locking: the same scheme as layers.ts
-
-const inFlight = new Map<string, Promise<string>>();
-
-function cached(target: string, build: (tmp: string) => Promise<void>): Promise<string> {
-  const key = path.resolve(target);
-  let p = inFlight.get(key);
-  if (p === undefined) {
-    p = (async () => {
-      if (await exists(key)) return key;
-      await fsp.mkdir(path.dirname(key), { recursive: true });
-      const release = await acquireLock(key, 10 * 60_000);
-      try {
-        if (await exists(key)) return key;
-        const base = path.basename(key);
-        for (const name of await fsp.readdir(path.dirname(key))) {
-          if (name.startsWith(`${base}.tmp-`)) await fsp.rm(path.join(path.dirname(key), name), { recursive: true, force: true });
-        }
-        const tmp = `${key}.tmp-${process.pid}`;
-        try {
-          await build(tmp);
-          await fsp.rename(tmp, key);
-        } catch (e) {
-          await fsp.rm(tmp, { recursive: true, force: true });
-          throw e;
-        }
-        return key;
-      } finally {
-        await release();
-      }
-    })();
-    inFlight.set(key, p);
-    p.catch(() => inFlight.delete(key));
-  }
-  return p;
 }
 
 // ---------------------------------------------------------------------------------------

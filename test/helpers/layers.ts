@@ -206,7 +206,7 @@ function pidAlive(pid: number): boolean {
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** Takes `${target}.lock` (a directory holding the owner's pid); breaks locks of dead owners. */
-export async function acquireLock(target: string, timeoutMs: number): Promise<() => Promise<void>> {
+async function acquireLock(target: string, timeoutMs: number): Promise<() => Promise<void>> {
   const lock = `${target}.lock`;
   const deadline = Date.now() + timeoutMs;
   for (;;) {
@@ -246,7 +246,7 @@ const inFlight = new Map<string, Promise<string>>();
  * Returns `target` once it exists, building it with `build(tmp)` if needed: `build` writes
  * a file or directory at `tmp`, which is then renamed to `target`.
  */
-function cached(target: string, build: (tmp: string) => Promise<void>): Promise<string> {
+export function cached(target: string, build: (tmp: string) => Promise<void>): Promise<string> {
   const key = path.resolve(target);
   let p = inFlight.get(key);
   if (p === undefined) {
