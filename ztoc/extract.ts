@@ -131,6 +131,14 @@ export function inflateFromSpan(
   }
 }
 
+/** A range to read must lie inside the uncompressed archive. */
+function checkRange(index: LayerIndex, offset: number, length: number): void {
+  const size = index.ztoc.uncompressedArchiveSize;
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
+    throw new ZtocRangeError(index.subject, `range [${offset}, +${length}) is outside the ${size}-byte archive`);
+  }
+}
+
 /** Extract uncompressed bytes [offset, offset + length) of the layer. */
 export async function extractRange(
   index: LayerIndex,
@@ -139,10 +147,7 @@ export async function extractRange(
   length: number,
   engine?: InflateEngine,
 ): Promise<Uint8Array> {
-  const size = index.ztoc.uncompressedArchiveSize;
-  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
-    throw new ZtocRangeError(index.subject, `range [${offset}, +${length}) is outside the ${size}-byte archive`);
-  }
+  checkRange(index, offset, length);
   if (length === 0) return new Uint8Array(0);
   const first = index.spanFor(offset);
   const last = index.spanFor(offset + length - 1);
@@ -190,10 +195,7 @@ export class LayerReader {
   }
 
   async readRange(offset: number, length: number): Promise<Uint8Array> {
-    const size = this.index.ztoc.uncompressedArchiveSize;
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size) {
-      throw new ZtocRangeError(this.index.subject, `range [${offset}, +${length}) is outside the ${size}-byte archive`);
-    }
+    checkRange(this.index, offset, length);
     const out = new Uint8Array(length);
     let done = 0;
     while (done < length) {
