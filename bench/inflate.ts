@@ -8,13 +8,14 @@
  * uncompressed output, best of --runs, and the ratio to `gzip -dc`.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { copyFileSync, createWriteStream, existsSync, lstatSync, mkdirSync, mkdtempSync, openSync, closeSync, readdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { copyFileSync, createWriteStream, existsSync, mkdirSync, mkdtempSync, openSync, closeSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { constants as osConstants, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
 import { createGunzip } from 'node:zlib';
+import { walkFiles } from '../test/helpers/real-files.js';
 import {
   loadNativeEngine,
   nativeAddonPath,
@@ -66,36 +67,20 @@ async function generate(path: string, bytes: number): Promise<void> {
   });
   const done = pipeline(gzip.stdout, sink);
   let fed = 0;
-  const feed = async (dir: string): Promise<void> => {
-    let names: string[];
-    try {
-      names = readdirSync(dir).sort();
-    } catch {
-      return;
-    }
-    for (const name of names) {
-      if (written >= bytes) return;
-      const p = join(dir, name);
-      let st;
+  // Walk /usr again if it holds less than asked.
+  for (let pass = 0; written < bytes && pass < 8; pass++) {
+    for await (const f of walkFiles('/usr')) {
+      if (written >= bytes) break;
+      let data: Buffer;
       try {
-        st = lstatSync(p);
+        data = readFileSync(f.path);
       } catch {
         continue;
       }
-      if (st.isDirectory()) await feed(p);
-      else if (st.isFile() && st.size > 0) {
-        let data: Buffer;
-        try {
-          data = readFileSync(p);
-        } catch {
-          continue;
-        }
-        fed += data.length;
-        if (!gzip.stdin.write(data)) await new Promise((r) => gzip.stdin.once('drain', r));
-      }
+      fed += data.length;
+      if (!gzip.stdin.write(data)) await new Promise((r) => gzip.stdin.once('drain', r));
     }
-  };
-  for (let pass = 0; written < bytes && pass < 8; pass++) await feed('/usr'); // /usr twice if it is small
+  }
   gzip.stdin.end();
   await done;
   renameSync(tmp, path);

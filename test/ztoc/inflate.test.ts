@@ -8,9 +8,11 @@
 import t from 'tap';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, lstatSync, openSync, readdirSync, readFileSync, readSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { walkFiles } from '../helpers/real-files.js';
 import {
   availableEngines,
   inflateEngine,
@@ -34,39 +36,23 @@ const WINDOW = 32768;
 
 // ---------------------------------------------------------------- test data
 
-/** Concatenates regular files under `roots` (sorted walk) up to `limit` bytes. */
-function collect(roots: string[], limit: number, keep: (path: string) => boolean): Buffer {
+/** Concatenates regular files (≤ 4 MiB each) under `roots` (sorted walk) up to `limit` bytes. */
+async function collect(roots: string[], limit: number, keep: (path: string) => boolean): Promise<Buffer> {
   const parts: Buffer[] = [];
   let size = 0;
-  const walk = (dir: string): void => {
-    let names: string[];
-    try {
-      names = readdirSync(dir).sort();
-    } catch {
-      return;
-    }
-    for (const name of names) {
-      if (size >= limit) return;
-      const p = join(dir, name);
-      let st;
+  for (const root of roots) {
+    for await (const f of walkFiles(root)) {
+      if (size >= limit) break;
+      if (f.size > 4 << 20 || !keep(f.path)) continue;
       try {
-        st = lstatSync(p);
+        const b = await readFile(f.path);
+        parts.push(b.subarray(0, Math.min(b.length, limit - size)));
+        size += parts[parts.length - 1].length;
       } catch {
-        continue;
-      }
-      if (st.isDirectory()) walk(p);
-      else if (st.isFile() && st.size > 0 && st.size <= 4 << 20 && keep(p)) {
-        try {
-          const b = readFileSync(p);
-          parts.push(b.subarray(0, Math.min(b.length, limit - size)));
-          size += parts[parts.length - 1].length;
-        } catch {
-          // unreadable: skip
-        }
+        // unreadable: skip
       }
     }
-  };
-  for (const r of roots) walk(r);
+  }
   return Buffer.concat(parts);
 }
 
@@ -96,9 +82,9 @@ interface Sample {
 }
 
 const dir = t.testdir({});
-const text = collect(['/usr/share/perl', '/usr/share/perl5', '/usr/share/common-licenses', '/usr/include'], 4 << 20, (p) => !/\.(gz|xz|bz2|zst)$/.test(p));
-const binary = collect(['/usr/lib/x86_64-linux-gnu', '/usr/bin'], 4 << 20, () => true);
-const precompressed = collect(['/usr/share/doc', '/usr/share/man'], 2 << 20, (p) => p.endsWith('.gz'));
+const text = await collect(['/usr/share/perl', '/usr/share/perl5', '/usr/share/common-licenses', '/usr/include'], 4 << 20, (p) => !/\.(gz|xz|bz2|zst)$/.test(p));
+const binary = await collect(['/usr/lib/x86_64-linux-gnu', '/usr/bin'], 4 << 20, () => true);
+const precompressed = await collect(['/usr/share/doc', '/usr/share/man'], 2 << 20, (p) => p.endsWith('.gz'));
 // Incompressible input makes gzip emit stored blocks; random data goes
 // through a temp file, as the gzip CLI reads files.
 const randomPath = join(dir, 'random.bin');
