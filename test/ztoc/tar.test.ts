@@ -402,8 +402,9 @@ echo one > dir/one; head -c 3000 /dev/urandom > three-k; ln dir/one hard; ln -s 
 
 # --- "bulk": real files from this machine.
 B="$W/bulk"; mkdir -p "$B/doc" "$B/lib"
-for d in $(ls /usr/share/doc | head -60); do cp -a "/usr/share/doc/$d" "$B/doc/"; done
-find /usr/lib/x86_64-linux-gnu -maxdepth 1 -type f -size +200k -size -3M | sort | head -8 | xargs -r cp -a -t "$B/lib/"
+# awk, not head: head exits early and, under pipefail, the writer's SIGPIPE fails the script at random.
+for d in $(ls /usr/share/doc | awk 'NR <= 60'); do cp -a "/usr/share/doc/$d" "$B/doc/"; done
+find /usr/lib/x86_64-linux-gnu -maxdepth 1 -type f -size +200k -size -3M | sort | awk 'NR <= 8' | xargs -r cp -a -t "$B/lib/"
 
 # --- sparse (rejected): a file with a hole.
 SP="$W/sparse"; mkdir -p "$SP"; cd "$SP"
