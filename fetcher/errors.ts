@@ -39,3 +39,53 @@ export class ConfigError extends FetcherError {
 
 /** Credentials could not be obtained: a bad --user value, a malformed docker config, a failing helper. */
 export class CredentialsError extends FetcherError {}
+
+/**
+ * A registry (or a storage URL it redirected to) answered, but not with what was asked: an HTTP
+ * error status, a registry error document, a refused request. `status` is the HTTP status and
+ * `code` the distribution error code (`MANIFEST_UNKNOWN`, `DENIED`, ...) when the body had one.
+ */
+export class RegistryError extends FetcherError {
+  readonly status?: number;
+  readonly code?: string;
+  constructor(subject: string, reason: string, options?: { cause?: unknown; status?: number; code?: string }) {
+    super(subject, reason, options);
+    this.status = options?.status;
+    this.code = options?.code;
+  }
+}
+
+/** The manifest, blob, tag or repository does not exist (HTTP 404). */
+export class NotFoundError extends RegistryError {}
+
+/**
+ * Authentication failed: no or wrong credentials (401/403 after authenticating), a malformed
+ * `WWW-Authenticate` challenge, a token endpoint that fails or answers nonsense.
+ */
+export class AuthError extends RegistryError {}
+
+/** The connection failed or broke (refused, reset, closed early) and retries did not help. */
+export class NetworkError extends FetcherError {}
+
+export type TimeoutPhase = 'connect' | 'first-byte' | 'idle';
+
+/** Nothing arrived in time: connecting, waiting for the response headers, or between body bytes. */
+export class TimeoutError extends FetcherError {
+  readonly phase: TimeoutPhase;
+  constructor(subject: string, phase: TimeoutPhase, reason: string, options?: { cause?: unknown }) {
+    super(subject, reason, options);
+    this.phase = phase;
+  }
+}
+
+/** Content does not match its digest (or its expected size): never handed on. */
+export class IntegrityError extends FetcherError {}
+
+/**
+ * The server broke the protocol: a wrong `Content-Range` or length, a redirect loop or a redirect
+ * to something that is not HTTP(S), a missing `Location`, a body larger than allowed.
+ */
+export class ProtocolError extends FetcherError {}
+
+/** A response is larger than the client accepts for its kind (manifests, token answers, error bodies). */
+export class TooLargeError extends ProtocolError {}

@@ -1,0 +1,369 @@
+/**
+ * The HTTP layer under the registry client: undici agents (one per TLS setup, keep-alive, a
+ * bounded number of connections per origin), one-attempt requests with the three timeouts
+ * mapped to typed errors, bounded body reads, and the retry loop (exponential backoff with
+ * jitter, `Retry-After` honoured) that the registry operations run their attempts in.
+ */
+import { readFile } from 'node:fs/promises';
+import { rootCertificates } from 'node:tls';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Agent, request, type Dispatcher } from 'undici';
+import { FetcherError, NetworkError, ProtocolError, RegistryError, TimeoutError, TooLargeError, ConfigError } from './errors.js';
+import type { ClientCertPair } from './hosts.js';
+import type { Logger } from './log.js';
+
+export interface Timeouts {
+  /** TCP + TLS connect. */
+  connectMs: number;
+  /** From sending the request to the response headers. */
+  firstByteMs: number;
+  /** Longest silence between two pieces of a response body. */
+  idleMs: number;
+}
+
+export const DEFAULT_TIMEOUTS: Readonly<Timeouts> = Object.freeze({ connectMs: 10_000, firstByteMs: 30_000, idleMs: 30_000 });
+
+export interface RetryOptions {
+  /** Attempts in all, the first included. */
+  attempts: number;
+  /** First backoff; doubles per attempt, with jitter. */
+  baseDelayMs: number;
+  maxDelayMs: number;
+  /** A `Retry-After` longer than this is cut to it (a registry cannot park a read for an hour). */
+  maxRetryAfterMs: number;
+}
+
+export const DEFAULT_RETRY: Readonly<RetryOptions> = Object.freeze({ attempts: 5, baseDelayMs: 200, maxDelayMs: 5_000, maxRetryAfterMs: 30_000 });
+
+export interface TlsSettings {
+  caPaths: readonly string[];
+  skipVerify: boolean;
+  clientCertPairs: readonly ClientCertPair[];
+}
+
+export interface HttpRequest {
+  method: string;
+  url: URL;
+  headers: Record<string, string>;
+  body?: Uint8Array | AsyncIterable<Uint8Array>;
+  tls?: TlsSettings;
+  /** Connect timeout for this endpoint (hosts.toml `dial_timeout`), else the transport's. */
+  connectTimeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+export type ResponseBody = Dispatcher.ResponseData['body'];
+
+export interface HttpResponse {
+  status: number;
+  headers: Dispatcher.ResponseData['headers'];
+  body: ResponseBody;
+}
+
+/** First value of a response header (names are lowercase in undici). */
+export function header(res: HttpResponse, name: string): string | undefined {
+  const v = res.headers[name];
+  return Array.isArray(v) ? v[0] : v;
+}
+
+// ------------------------------------------------------------------- transient errors
+
+const transient = new WeakMap<Error, { retryAfterMs?: number }>();
+
+/** Marks an error as worth retrying (optionally after the server's `Retry-After`). */
+export function markTransient<E extends Error>(err: E, retryAfterMs?: number): E {
+  transient.set(err, retryAfterMs === undefined ? {} : { retryAfterMs });
+  return err;
+}
+
+export function isTransient(err: unknown): boolean {
+  return err instanceof Error && transient.has(err);
+}
+
+/** `Retry-After` as delay-seconds or an HTTP date, in ms from now; undefined when absent or unreadable. */
+export function parseRetryAfter(value: string | undefined, now = Date.now()): number | undefined {
+  if (value === undefined) return undefined;
+  const v = value.trim();
+  if (/^\d+$/.test(v)) return Number(v) * 1000;
+  const t = Date.parse(v);
+  return Number.isFinite(t) ? Math.max(0, t - now) : undefined;
+}
+
+/** URL without query or fragment: storage redirects carry signatures in the query. */
+export function safeUrl(url: URL | string): string {
+  try {
+    const u = typeof url === 'string' ? new URL(url) : url;
+    return `${u.protocol}//${u.host}${u.pathname}${u.search === '' ? '' : '?…'}`;
+  } catch {
+    return '<unparsable URL>';
+  }
+}
+
+const NETWORK_CODES = new Set([
+  'ECONNRESET',
+  'ECONNREFUSED',
+  'ECONNABORTED',
+  'EPIPE',
+  'ETIMEDOUT',
+  'EHOSTUNREACH',
+  'ENETUNREACH',
+  'ENETDOWN',
+  'EAI_AGAIN',
+  'UND_ERR_SOCKET',
+  'UND_ERR_CLOSED',
+  'UND_ERR_DESTROYED',
+  'UND_ERR_RES_CONTENT_LENGTH_MISMATCH',
+  'UND_ERR_REQ_CONTENT_LENGTH_MISMATCH',
+  'HPE_INVALID_CONSTANT',
+  'HPE_INVALID_CHUNK_SIZE',
+  'HPE_UNEXPECTED_CONTENT_LENGTH',
+  'HPE_INVALID_CONTENT_LENGTH',
+]);
+
+function errCode(err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === 'string' ? code : undefined;
+}
+
+/**
+ * Turns an undici/socket error into a typed one naming `subject`; connection and timeout
+ * failures are marked transient. Typed errors pass through.
+ */
+export function mapNetworkError(err: unknown, subject: string, timeouts: Timeouts): Error {
+  if (err instanceof FetcherError) return err;
+  const code = errCode(err);
+  switch (code) {
+    case 'UND_ERR_CONNECT_TIMEOUT':
+      return markTransient(new TimeoutError(subject, 'connect', `no connection within ${timeouts.connectMs} ms`, { cause: err }));
+    case 'UND_ERR_HEADERS_TIMEOUT':
+      return markTransient(new TimeoutError(subject, 'first-byte', `no response within ${timeouts.firstByteMs} ms`, { cause: err }));
+    case 'UND_ERR_BODY_TIMEOUT':
+      return markTransient(new TimeoutError(subject, 'idle', `response body stalled for ${timeouts.idleMs} ms`, { cause: err }));
+    case 'UND_ERR_ABORTED':
+    case 'ABORT_ERR':
+      return new NetworkError(subject, 'request aborted', { cause: err });
+    case 'ENOTFOUND':
+      return new NetworkError(subject, 'host name not found', { cause: err });
+    default:
+      break;
+  }
+  if (code !== undefined && NETWORK_CODES.has(code)) {
+    return markTransient(new NetworkError(subject, `connection failed (${code})`, { cause: err }));
+  }
+  if (code !== undefined && (code.startsWith('ERR_TLS') || code.includes('CERT') || code.startsWith('ERR_SSL') || code === 'EPROTO')) {
+    return new NetworkError(
+      subject,
+      `TLS failed (${code}); for a registry with its own CA add it in certs.d/<host>/hosts.toml, for a plain-HTTP one use --plain-http`,
+      { cause: err },
+    );
+  }
+  const message = err instanceof Error ? err.message : String(err);
+  // Unknown socket-level failures are retried: a broken connection is the common case.
+  return markTransient(new NetworkError(subject, `request failed: ${message}`, { cause: err }));
+}
+
+// ------------------------------------------------------------------- transport
+
+export interface TransportOptions {
+  timeouts?: Partial<Timeouts>;
+  /** Parallel connections (and so requests) per origin; more requests queue. Default 8. */
+  connectionsPerHost?: number;
+  userAgent?: string;
+  logger: Logger;
+}
+
+/** Agents per TLS setup, one-attempt requests with typed errors. */
+export class Transport {
+  readonly timeouts: Timeouts;
+  readonly connectionsPerHost: number;
+  readonly userAgent: string;
+  readonly logger: Logger;
+  private readonly agents = new Map<string, Promise<Agent>>();
+
+  constructor(opts: TransportOptions) {
+    this.timeouts = { ...DEFAULT_TIMEOUTS, ...opts.timeouts };
+    this.connectionsPerHost = opts.connectionsPerHost ?? 8;
+    this.userAgent = opts.userAgent ?? 'soci-ts';
+    this.logger = opts.logger;
+  }
+
+  private agent(tls: TlsSettings | undefined, connectTimeoutMs: number): Promise<Agent> {
+    const key = JSON.stringify([tls?.caPaths ?? [], tls?.skipVerify ?? false, tls?.clientCertPairs ?? [], connectTimeoutMs]);
+    let a = this.agents.get(key);
+    if (a === undefined) {
+      a = this.makeAgent(tls, connectTimeoutMs);
+      this.agents.set(key, a);
+      a.catch(() => this.agents.delete(key));
+    }
+    return a;
+  }
+
+  private async makeAgent(tls: TlsSettings | undefined, connectTimeoutMs: number): Promise<Agent> {
+    const connect: Record<string, unknown> = { timeout: connectTimeoutMs };
+    if (tls !== undefined) {
+      if (tls.caPaths.length > 0) {
+        const extra = await Promise.all(tls.caPaths.map((p) => readPem(p, 'CA certificate')));
+        connect.ca = [...rootCertificates, ...extra];
+      }
+      if (tls.skipVerify) connect.rejectUnauthorized = false;
+      const pair = tls.clientCertPairs[0];
+      if (pair !== undefined) {
+        connect.cert = await readPem(pair.certPath, 'client certificate');
+        connect.key = await readPem(pair.keyPath ?? pair.certPath, 'client key');
+      }
+    }
+    return new Agent({
+      connections: this.connectionsPerHost,
+      pipelining: 1,
+      keepAliveTimeout: 30_000,
+      headersTimeout: this.timeouts.firstByteMs,
+      bodyTimeout: this.timeouts.idleMs,
+      connect,
+    });
+  }
+
+  /**
+   * One request, no retries, no redirects followed. Network failures and timeouts become typed
+   * errors naming `subject`, marked transient.
+   */
+  async send(req: HttpRequest, subject: string): Promise<HttpResponse> {
+    const dispatcher = await this.agent(req.tls, req.connectTimeoutMs ?? this.timeouts.connectMs);
+    const headers: Record<string, string> = { 'user-agent': this.userAgent, ...req.headers };
+    try {
+      const res = await request(req.url, {
+        method: req.method as Dispatcher.HttpMethod,
+        headers,
+        body: req.body as Dispatcher.DispatchOptions['body'],
+        dispatcher,
+        signal: req.signal,
+      });
+      // Body errors surface when read; map them there (readBody), not as unhandled events.
+      return { status: res.statusCode, headers: res.headers, body: res.body };
+    } catch (err) {
+      throw mapNetworkError(err, subject, this.timeouts);
+    }
+  }
+
+  async close(): Promise<void> {
+    const agents = [...this.agents.values()];
+    this.agents.clear();
+    await Promise.all(agents.map(async (p) => (await p.catch(() => undefined))?.destroy().catch(() => undefined)));
+  }
+}
+
+async function readPem(path: string, what: string): Promise<Buffer> {
+  try {
+    return await readFile(path);
+  } catch (err) {
+    throw new ConfigError(path, `cannot read ${what}`, { cause: err });
+  }
+}
+
+// ------------------------------------------------------------------- bodies
+
+/**
+ * Reads a whole body into one buffer. With `expected`, exactly that many bytes must come (fewer:
+ * transient NetworkError, the connection broke; more: ProtocolError). Without it, at most `max`
+ * bytes are accepted (TooLargeError, checked against `Content-Length` before reading).
+ */
+export async function readBody(
+  res: HttpResponse,
+  subject: string,
+  timeouts: Timeouts,
+  limits: { expected?: number; max: number; what: string },
+): Promise<Buffer> {
+  const declared = header(res, 'content-length');
+  const declaredLength = declared === undefined || !/^\d+$/.test(declared) ? undefined : Number(declared);
+  const cap = limits.expected ?? limits.max;
+  if (declaredLength !== undefined && declaredLength > cap) {
+    res.body.destroy();
+    if (limits.expected === undefined) throw new TooLargeError(subject, `${limits.what} of ${declaredLength} bytes is over the ${limits.max}-byte limit`);
+    throw new ProtocolError(subject, `${limits.what}: server announced ${declaredLength} bytes, expected ${limits.expected}`);
+  }
+  const size = limits.expected ?? declaredLength;
+  const out = size === undefined ? undefined : Buffer.allocUnsafe(size);
+  const chunks: Buffer[] = [];
+  let got = 0;
+  try {
+    for await (const chunk of res.body as AsyncIterable<Buffer>) {
+      if (got + chunk.length > cap) {
+        res.body.destroy();
+        if (limits.expected === undefined) throw new TooLargeError(subject, `${limits.what} is over the ${limits.max}-byte limit`);
+        throw new ProtocolError(subject, `${limits.what}: server sent more than the ${limits.expected} bytes asked for`);
+      }
+      if (out !== undefined && got + chunk.length <= out.length) chunk.copy(out, got);
+      else chunks.push(chunk);
+      got += chunk.length;
+    }
+  } catch (err) {
+    throw mapNetworkError(err, subject, timeouts);
+  }
+  if (limits.expected !== undefined && got !== limits.expected) {
+    throw markTransient(new NetworkError(subject, `${limits.what}: body ended after ${got} of ${limits.expected} bytes`));
+  }
+  if (out === undefined) return Buffer.concat(chunks, got);
+  if (got < out.length) {
+    // Content-Length said more than came (undici normally reports this itself).
+    throw markTransient(new NetworkError(subject, `${limits.what}: body ended after ${got} of ${out.length} bytes`));
+  }
+  return out;
+}
+
+/** Drops a body we do not need, without letting a huge or stalled one hold the connection. */
+export function discardBody(res: HttpResponse): void {
+  res.body.dump({ limit: 65536 }).catch(() => undefined);
+}
+
+/**
+ * The error for a non-success status, with the registry's error code and message when the body
+ * is a distribution error document. 5xx, 429 and 408 are transient (with `Retry-After`).
+ */
+export async function statusError(res: HttpResponse, subject: string, what: string, timeouts: Timeouts): Promise<RegistryError> {
+  let code: string | undefined;
+  let detail = '';
+  try {
+    const body = await readBody(res, subject, timeouts, { max: 65536, what: 'error body' });
+    const parsed = JSON.parse(body.toString('utf8')) as { errors?: Array<{ code?: unknown; message?: unknown }> };
+    const first = parsed.errors?.[0];
+    if (typeof first?.code === 'string') code = first.code.slice(0, 64);
+    if (typeof first?.message === 'string') detail = first.message;
+  } catch {
+    res.body.destroy();
+  }
+  // Registry messages are attacker-controlled text: one line, printable, short.
+  detail = detail.replace(/[^\x20-\x7e]/g, ' ').slice(0, 200);
+  const reason = `${what}: HTTP ${res.status}${code === undefined ? '' : ` ${code}`}${detail === '' ? '' : ` (${detail})`}`;
+  const err = new RegistryError(subject, reason, { status: res.status, code });
+  if (res.status >= 500 || res.status === 429 || res.status === 408) {
+    markTransient(err, parseRetryAfter(header(res, 'retry-after')));
+  }
+  return err;
+}
+
+// ------------------------------------------------------------------- retries
+
+/**
+ * Runs `attempt` until it succeeds, a non-transient error comes, or attempts run out. The delay
+ * before retry n is a random value in [d/2, d] with d = base * 2^n capped at max, or the server's
+ * `Retry-After` (capped) when it gave one.
+ */
+export async function withRetries<T>(
+  subject: string,
+  retry: RetryOptions,
+  logger: Logger,
+  attempt: (n: number) => Promise<T>,
+  signal?: AbortSignal,
+): Promise<T> {
+  for (let n = 0; ; n++) {
+    try {
+      return await attempt(n);
+    } catch (err) {
+      if (!isTransient(err) || n + 1 >= retry.attempts || signal?.aborted === true) throw err;
+      const hint = transient.get(err as Error)?.retryAfterMs;
+      const exp = Math.min(retry.maxDelayMs, retry.baseDelayMs * 2 ** n);
+      const delay = hint !== undefined ? Math.min(hint, retry.maxRetryAfterMs) : exp / 2 + Math.random() * (exp / 2);
+      logger.debug('retrying', { subject, attempt: n + 1, delayMs: Math.round(delay), error: err });
+      await sleep(delay, undefined, { signal }).catch(() => undefined);
+    }
+  }
+}
