@@ -2,9 +2,10 @@
  * The `soci-ts` command line. Exit codes: 0 ok, 1 user error (bad input or
  * usage; one line on stderr), 2 internal error.
  */
-import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
-import { readFile, rename, writeFile } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { Command, CommanderError, Option } from 'commander';
+import { readFile } from 'node:fs/promises';
+import { parseCount, parseSize, printTable, progress, UsageError, writeAtomic } from './cli-util.js';
+import { registryCommands, isRegistryUserError } from './cli-registry.js';
 import {
   buildZtocFromFile,
   encodeZtoc,
@@ -22,65 +23,11 @@ import {
 } from '../ztoc/index.js';
 
 export const VERSION = '0.1.0';
-
-/** A mistake of the user's (bad argument, missing file): exit code 1. */
-export class UsageError extends Error {
-  constructor(message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.name = 'UsageError';
-  }
-}
-
-const SIZE_UNITS: Record<string, number> = { '': 1, k: 1 << 10, kib: 1 << 10, m: 1 << 20, mib: 1 << 20, g: 1 << 30, gib: 1 << 30 };
-
-/** Parse `4194304`, `4MiB`, `512k`. */
-export function parseSize(text: string): number {
-  const m = /^\s*(\d+)\s*([a-zA-Z]*)\s*$/.exec(text);
-  const unit = m ? SIZE_UNITS[m[2].toLowerCase()] : undefined;
-  if (!m || unit === undefined) throw new InvalidArgumentError(`"${text}" is not a size (e.g. 4194304, 4MiB, 512KiB)`);
-  const n = Number(m[1]) * unit;
-  if (!Number.isSafeInteger(n) || n <= 0) throw new InvalidArgumentError(`"${text}" is not a positive size`);
-  return n;
-}
-
-function parseCount(text: string): number {
-  const n = Number(text);
-  if (!/^\d+$/.test(text.trim()) || !Number.isSafeInteger(n) || n <= 0) {
-    throw new InvalidArgumentError(`"${text}" is not a positive whole number`);
-  }
-  return n;
-}
+export { UsageError, parseSize } from './cli-util.js';
 
 async function readZtocFile(path: string): Promise<{ index: LayerIndex; size: number }> {
   const bytes = await readFile(path);
   return { index: new LayerIndex(decodeZtoc(bytes, path), path), size: bytes.length };
-}
-
-/** Write a file atomically: a crash leaves the old file or the new one, never half of one. */
-async function writeAtomic(path: string, data: Uint8Array): Promise<void> {
-  const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.tmp`);
-  await writeFile(tmp, data);
-  await rename(tmp, path);
-}
-
-function progress(label: string, total: number): ((n: number) => void) | undefined {
-  if (!process.stderr.isTTY || total <= 0) return undefined;
-  let lastDraw = 0;
-  return (n: number) => {
-    const now = Date.now();
-    if (now - lastDraw < 100 && n < total) return;
-    lastDraw = now;
-    const pct = Math.min(100, Math.floor((n / total) * 100));
-    const width = 30;
-    const bar = '#'.repeat(Math.floor((pct / 100) * width)).padEnd(width, '.');
-    process.stderr.write(`\r${label} [${bar}] ${pct}% ${(n / 1e6).toFixed(1)}/${(total / 1e6).toFixed(1)} MB`);
-    if (n >= total) process.stderr.write('\n');
-  };
-}
-
-function printTable(rows: string[][]): void {
-  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => r[c].length)));
-  for (const r of rows) process.stdout.write(r.map((cell, c) => (c === r.length - 1 ? cell : cell.padEnd(widths[c]))).join('  ') + '\n');
 }
 
 function ztocCommand(): Command {
@@ -234,6 +181,7 @@ export function buildProgram(): Command {
       '\nExit codes: 0 success, 1 user error (bad arguments or input; one line on stderr), 2 internal error.',
     );
   program.addCommand(ztocCommand());
+  for (const c of registryCommands()) program.addCommand(c);
   program
     .command('version')
     .description('print version and the inflate engine in use')
@@ -245,7 +193,7 @@ export function buildProgram(): Command {
 
 /** Is this error the user's to fix (bad input, missing file) rather than ours? */
 function isUserError(err: unknown): boolean {
-  if (err instanceof UsageError || err instanceof ZtocError) return true;
+  if (err instanceof UsageError || err instanceof ZtocError || isRegistryUserError(err)) return true;
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
   return code === 'ENOENT' || code === 'EACCES' || code === 'EISDIR' || code === 'ENOTDIR' || code === 'EPERM';
 }
@@ -257,6 +205,7 @@ export async function main(argv: string[]): Promise<number> {
   for (const cmd of program.commands) {
     cmd.exitOverride();
     for (const sub of cmd.commands) sub.exitOverride();
+    // commander's own usage errors (missing argument, bad choice) end as exit code 1 too.
   }
   try {
     await program.parseAsync(argv);
