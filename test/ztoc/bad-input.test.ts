@@ -196,7 +196,9 @@ t.test('zTOC whose span count does not match its checkpoints', async (t) => {
 t.test('zTOC with hostile names', async (t) => {
   expectFormatError(t, reencode((z) => (z.files[1].name = '../../etc/passwd')), /'\.\.' component/);
   expectFormatError(t, reencode((z) => (z.files[1].name = 'usr/../../x')), /'\.\.' component/);
-  expectFormatError(t, reencode((z) => (z.files[1].name = '/etc/shadow')), /absolute path/);
+  // A leading slash stays inside the root (as containerd and GNU tar read it).
+  const rooted = readZtoc(reencode((z) => (z.files[1].name = '/etc/shadow')));
+  t.equal(rooted.file('etc/shadow')?.name, '/etc/shadow', 'a leading slash names a path under the root');
   expectFormatError(
     t,
     reencode((z) => {
@@ -205,6 +207,15 @@ t.test('zTOC with hostile names', async (t) => {
     }),
     /hardlink/,
   );
+});
+
+t.test('names with a leading slash (umoci writes the root as "/") are paths under the root', async (t) => {
+  await run('sh', ['-c', `cd '${dir}' && mkdir -p rooted/etc && echo hi > rooted/etc/motd && tar --format=pax -cf rooted.tar -P -C rooted --transform 's,^\\./,/,;s,^\\.$,/,' . && gzip -kf rooted.tar`]);
+  const listed = (await run('tar', ['-tPf', join(dir, 'rooted.tar')])).stdout.split('\n').filter((l) => l !== '');
+  t.ok(listed.includes('/') && listed.includes('/etc/motd'), `tar holds rooted names (${listed.join(' ')})`);
+  const z = await buildZtocFromFile(join(dir, 'rooted.tar.gz'));
+  const index = new LayerIndex(z);
+  t.equal(index.file('etc/motd')?.name, '/etc/motd', 'found under the root');
 });
 
 t.test('the builder refuses layers with hostile names', async (t) => {
