@@ -14,6 +14,8 @@ export interface Challenge {
 }
 
 const TOKEN_CHAR = /[!#$%&'*+\-.^_`|~0-9A-Za-z]/;
+/** token68 (RFC 7235), then optional space, then a comma or the end. */
+const TOKEN68 = /[A-Za-z0-9\-._~+/]+=*[ \t]*(?=,|$)/y;
 
 /**
  * Parses a `WWW-Authenticate` header value (RFC 7235: one or more challenges, each a scheme and
@@ -65,7 +67,17 @@ export function parseWwwAuthenticate(header: string, subject: string): Challenge
     if (scheme === '') fail(`unexpected character at position ${i}`);
     const challenge: Challenge = { scheme: scheme.toLowerCase(), params: {} };
     out.push(challenge);
+    const afterScheme = i;
     skipSpace();
+    // `scheme 1*SP token68`: the token68 is the whole challenge and runs to a comma or the end
+    // (it may hold "/" and "+", and "=" only as padding). It is not kept: no scheme we use has one.
+    if (i > afterScheme && i < n && header[i] !== ',') {
+      TOKEN68.lastIndex = i;
+      if (TOKEN68.test(header)) {
+        i = TOKEN68.lastIndex;
+        continue;
+      }
+    }
     // Parameters until the next scheme (a token followed by space or end, not by '=').
     for (;;) {
       skipSpace();
@@ -88,14 +100,7 @@ export function parseWwwAuthenticate(header: string, subject: string): Challenge
       }
       i++;
       skipSpace();
-      // token68 padding: "abc==" is a token68, not a parameter.
-      if (header[i] === '=' || i >= n || header[i] === ',') {
-        if (Object.keys(challenge.params).length === 0) {
-          while (i < n && header[i] === '=') i++;
-          break;
-        }
-        fail(`parameter ${JSON.stringify(name)} has no value`);
-      }
+      if (header[i] === '=' || i >= n || header[i] === ',') fail(`parameter ${JSON.stringify(name)} has no value`);
       const value = header[i] === '"' ? quoted() : token();
       if (value === '' && header[i - 1] !== '"') fail(`parameter ${JSON.stringify(name)} has no value`);
       challenge.params[name.toLowerCase()] = value;
@@ -241,15 +246,15 @@ export class Authorizer {
     if (sentAuthorization === undefined) return s.challenge !== undefined;
     if (sentAuthorization.startsWith('Bearer ')) {
       const token = sentAuthorization.slice(7);
-      let dropped = false;
       for (const [key, p] of s.tokens) {
         const t = await p.catch(() => undefined);
-        if (t === undefined || t.token === token) {
-          s.tokens.delete(key);
-          dropped = true;
-        }
+        // While we waited, a concurrent refusal may have put a fresh token under this key: keep that.
+        if ((t === undefined || t.token === token) && s.tokens.get(key) === p) s.tokens.delete(key);
       }
-      return dropped || !sameChallenge(previous, s.challenge);
+      // The refused token is out of the cache now: dropped here, or by a concurrent request that
+      // met the same refusal first and is fetching (or has fetched) a new one. Either way a retry
+      // sends a different token; the caller bounds how often it retries.
+      return true;
     }
     // Basic credentials were refused: sending them again cannot help.
     return !sameChallenge(previous, s.challenge) && s.challenge?.scheme === 'bearer';
