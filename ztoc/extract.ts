@@ -13,6 +13,7 @@ import {
   Z_OK,
   Z_STREAM_END,
   type InflateEngine,
+  type Inflater,
 } from './inflate/index.js';
 import type { LayerIndex } from './layer-index.js';
 import { WINDOW_SIZE, type FileMetadata } from './types.js';
@@ -55,9 +56,119 @@ const discard = new Uint8Array(1 << 16);
 const GZIP_TRAILER = 8;
 
 /**
- * Inflate `length` bytes at uncompressed `offset` from `compressed`, which holds
- * the blob from span `spanId`'s compressed start onwards (at least up to the
- * end of the last span the range touches). Writes into `out` at `outStart`.
+ * Inflates one span from its checkpoint, forwards only: each `fill` call writes the next bytes
+ * of the span's uncompressed data. Callers that need a span's first bytes soon (a FUSE read) can
+ * take them before the rest is inflated. Owns a zlib stream: call `close()` when done.
+ */
+export class SpanInflater {
+  /** Uncompressed bytes of the span produced so far (relative to the span's start). */
+  produced = 0;
+  /** The span's uncompressed length. */
+  readonly length: number;
+  private readonly inflater: Inflater | undefined;
+  private pos = 0;
+  private raw = true; // until the first member end: raw mode does not consume the gzip trailer
+  private ended = false;
+
+  constructor(
+    private readonly index: LayerIndex,
+    readonly spanId: number,
+    private readonly compressed: Uint8Array,
+    engine: InflateEngine = inflateEngine(),
+    /** Bytes to produce; default the span's own length (more reads on into the next spans, if `compressed` holds them). */
+    length?: number,
+  ) {
+    const span = index.spans[spanId];
+    if (span === undefined) throw new ZtocRangeError(index.subject, `no span ${spanId}`);
+    this.length = length ?? span.uncompressedEnd - span.uncompressedStart;
+    if (!index.compressed) {
+      if (compressed.length < this.length) {
+        throw new ZtocRangeError(index.subject, `span ${spanId}: ${compressed.length} bytes given, the span has ${this.length}`);
+      }
+      return;
+    }
+    const cp = index.checkpoints[spanId];
+    const inflater = engine.create(WINDOW_BITS_RAW);
+    try {
+      if (cp.bits > 0) {
+        inflater.prime(cp.bits, compressed[0] >> (8 - cp.bits));
+        this.pos = 1;
+      }
+      inflater.setDictionary(cp.window.subarray(0, WINDOW_SIZE));
+    } catch (err) {
+      inflater.close();
+      throw err;
+    }
+    this.inflater = inflater;
+  }
+
+  /**
+   * Writes the span's next bytes into out[outStart, outEnd) and returns how many; fewer than
+   * asked only at the span's end. Throws CompressionError on corrupt or short data.
+   */
+  fill(out: Uint8Array, outStart: number, outEnd: number): number {
+    const want = Math.min(outEnd - outStart, this.length - this.produced);
+    if (want <= 0) return 0;
+    if (this.inflater === undefined) {
+      out.set(this.compressed.subarray(this.produced, this.produced + want), outStart);
+      this.produced += want;
+      return want;
+    }
+    const { index, spanId, compressed } = this;
+    const span = index.spans[spanId];
+    let written = 0;
+    while (written < want && !this.ended) {
+      const step = this.inflater.inflate(compressed, this.pos, compressed.length, out, outStart + written, outStart + want, Z_NO_FLUSH);
+      this.pos += step.consumed;
+      written += step.produced;
+      if (step.status === Z_STREAM_END) {
+        if (this.raw) {
+          this.pos += GZIP_TRAILER;
+          this.raw = false;
+        }
+        if (this.pos >= compressed.length) {
+          this.ended = true;
+          break;
+        }
+        this.inflater.reset(WINDOW_BITS_AUTO); // the next member, header and all
+        continue;
+      }
+      const stalled = step.consumed === 0 && step.produced === 0;
+      if (stalled && this.pos >= compressed.length) break; // out of input: reported below
+      if (step.status !== Z_OK || stalled) {
+        throw new CompressionError(
+          index.subject,
+          `corrupt deflate data in span ${spanId} (zlib status ${step.status}) near compressed offset ${span.compressedStart + this.pos}`,
+        );
+      }
+    }
+    this.produced += written;
+    if (written < want) {
+      throw new CompressionError(
+        index.subject,
+        `span ${spanId}: compressed data ended after ${this.produced} of ${this.length} bytes at uncompressed offset ${span.uncompressedStart + this.produced}`,
+      );
+    }
+    return written;
+  }
+
+  /** Inflates and drops `n` bytes (to reach an offset inside the span). */
+  skip(n: number): void {
+    while (n > 0) {
+      const got = this.fill(discard, 0, Math.min(n, discard.length));
+      if (got === 0) break;
+      n -= got;
+    }
+  }
+
+  close(): void {
+    this.inflater?.close();
+  }
+}
+
+/**
+ * Inflate `length` bytes at uncompressed `offset` (inside span `spanId`, possibly running into the
+ * following spans' data if `compressed` holds it) from the span's checkpoint.
  */
 export function inflateFromSpan(
   index: LayerIndex,
@@ -81,50 +192,11 @@ export function inflateFromSpan(
     out.set(compressed.subarray(from, from + length), outStart);
     return out;
   }
-  const cp = index.checkpoints[spanId];
-  const inflater = engine.create(WINDOW_BITS_RAW);
+  // A range may run past the span's own end into the next spans' data (the stream goes on).
+  const inflater = new SpanInflater(index, spanId, compressed, engine, offset - span.uncompressedStart + length);
   try {
-    let pos = 0;
-    if (cp.bits > 0) {
-      inflater.prime(cp.bits, compressed[0] >> (8 - cp.bits));
-      pos = 1;
-    }
-    inflater.setDictionary(cp.window.subarray(0, WINDOW_SIZE));
-    let skip = offset - cp.out;
-    let written = 0;
-    let raw = true; // until the first member end: raw mode does not consume the gzip trailer
-    while (written < length) {
-      const target = skip > 0 ? discard : out;
-      const tStart = skip > 0 ? 0 : outStart + written;
-      const tEnd = skip > 0 ? Math.min(skip, discard.length) : outStart + length;
-      const step = inflater.inflate(compressed, pos, compressed.length, target, tStart, tEnd, Z_NO_FLUSH);
-      pos += step.consumed;
-      if (skip > 0) skip -= step.produced;
-      else written += step.produced;
-      if (step.status === Z_STREAM_END) {
-        if (raw) {
-          pos += GZIP_TRAILER;
-          raw = false;
-        }
-        if (pos >= compressed.length) break;
-        inflater.reset(WINDOW_BITS_AUTO); // the next member, header and all
-        continue;
-      }
-      const stalled = step.consumed === 0 && step.produced === 0;
-      if (stalled && pos >= compressed.length) break; // out of input: reported below
-      if (step.status !== Z_OK || stalled) {
-        throw new CompressionError(
-          index.subject,
-          `corrupt deflate data in span ${spanId} (zlib status ${step.status}) near compressed offset ${span.compressedStart + pos}`,
-        );
-      }
-    }
-    if (written < length) {
-      throw new CompressionError(
-        index.subject,
-        `span ${spanId}: compressed data ended after ${written} of ${length} bytes at uncompressed offset ${offset}`,
-      );
-    }
+    inflater.skip(offset - span.uncompressedStart);
+    inflater.fill(out, outStart, outStart + length);
     return out;
   } finally {
     inflater.close();

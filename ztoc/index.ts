@@ -11,7 +11,7 @@ export { encodeCheckpointBlob, decodeCheckpointBlob, CHECKPOINT_SIZE, type Check
 export { buildZtoc, buildZtocFromFile, DEFAULT_BUILD_TOOL, type BuildOptions } from './build.js';
 export { DEFAULT_MAX_ENTRIES } from './tar.js';
 export { LayerIndex, type Span } from './layer-index.js';
-export { extractRange, extractFile, inflateFromSpan, FileBlobReader, LayerReader, type BlobReader } from './extract.js';
+export { extractRange, extractFile, inflateFromSpan, SpanInflater, FileBlobReader, LayerReader, type BlobReader } from './extract.js';
 export { normalizeName, unsafeNameReason } from './names.js';
 export { ztocInfo, fileSpans, modeString, type ZtocInfo } from './info.js';
 export { inflateEngine, availableEngines, type InflateEngine } from './inflate/index.js';
