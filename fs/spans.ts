@@ -1,0 +1,334 @@
+/**
+ * The span manager of one lazily mounted layer: turns a read of the layer's uncompressed tar
+ * bytes into spans, and each span from unfetched → fetching → fetched (compressed, checked
+ * against its span digest) → inflated. Concurrent reads of a span share one fetch and one
+ * inflation; the spans a read needs are requested in the same tick so the fetcher merges
+ * adjacent ones into one range request; a read returns as soon as its own bytes are inflated
+ * while the rest of the span goes on into the cache; sequential reads fetch the next span ahead.
+ */
+import { setImmediate as yieldToLoop } from 'node:timers/promises';
+import { SpanInflater, inflateEngine, type InflateEngine, type LayerIndex } from '../ztoc/index.js';
+import { nullLogger, type Logger } from '../fetcher/index.js';
+
+export type SpanState = 'unfetched' | 'fetching' | 'fetched' | 'inflated';
+
+/** Where compressed spans come from: the registry (exactly these bytes, checked against `digest`). */
+export interface SpanSource {
+  read(offset: number, length: number, digest: string): Promise<Uint8Array>;
+}
+
+/** Inflated spans in memory (bounded in bytes by its owner). */
+export interface InflatedSpanCacheLike {
+  get(layerDigest: string, spanId: number): Buffer | undefined;
+  set(layerDigest: string, spanId: number, data: Buffer): void;
+}
+
+/** Compressed spans on disk, content-addressed by span digest; `get` verifies, `put` never loses a read. */
+export interface CompressedSpanStoreLike {
+  get(digest: string): Promise<Buffer | undefined>;
+  put(digest: string, bytes: Uint8Array): Promise<void>;
+  has(digest: string): boolean;
+}
+
+/** A read failed: the registry did not deliver in time, or the data was bad. */
+export class SpanReadError extends Error {
+  readonly subject: string;
+  constructor(subject: string, reason: string, options?: { cause?: unknown }) {
+    super(`${subject}: ${reason}`, options);
+    this.name = 'SpanReadError';
+    this.subject = subject;
+  }
+}
+
+export interface SpanManagerOptions {
+  layerDigest: string;
+  index: LayerIndex;
+  source: SpanSource;
+  memory: InflatedSpanCacheLike;
+  disk?: CompressedSpanStoreLike;
+  logger?: Logger;
+  engine?: InflateEngine;
+  /** Fetch the next span when reads are sequential. Default true. */
+  readAhead?: boolean;
+  /** A read that waits longer than this for the registry fails (EIO to the reader). Default 30 s. */
+  fetchTimeoutMs?: number;
+  /** Bytes inflated per step before yielding the event loop when nobody waits. Default 256 KiB. */
+  inflateStep?: number;
+}
+
+export interface SpanCounters {
+  reads: number;
+  bytesRead: number;
+  memoryHits: number;
+  diskHits: number;
+  fetches: number;
+  bytesFetched: number;
+  inflations: number;
+  readAheads: number;
+  errors: number;
+}
+
+interface Waiter {
+  upTo: number;
+  resolve: (buf: Buffer) => void;
+  reject: (err: unknown) => void;
+}
+
+/** One span being inflated: its buffer fills forwards; waiters are released as their bytes arrive. */
+interface Inflation {
+  buf: Buffer;
+  produced: number;
+  waiters: Waiter[];
+}
+
+export class SpanManager {
+  readonly layerDigest: string;
+  readonly index: LayerIndex;
+  readonly counters: SpanCounters = { reads: 0, bytesRead: 0, memoryHits: 0, diskHits: 0, fetches: 0, bytesFetched: 0, inflations: 0, readAheads: 0, errors: 0 };
+  private readonly source: SpanSource;
+  private readonly memory: InflatedSpanCacheLike;
+  private readonly disk: CompressedSpanStoreLike | undefined;
+  private readonly logger: Logger;
+  private readonly engine: InflateEngine;
+  private readonly readAhead: boolean;
+  private readonly fetchTimeoutMs: number;
+  private readonly inflateStep: number;
+  private readonly fetching = new Map<number, Promise<Buffer>>();
+  private readonly inflating = new Map<number, Inflation>();
+  /** Spans known to be local (on disk or inflated): for "does this layer still need the network". */
+  private readonly local = new Set<number>();
+  private lastReadEnd = -1;
+  private readonly failing = new Set<number>();
+  private closed = false;
+
+  constructor(opts: SpanManagerOptions) {
+    this.layerDigest = opts.layerDigest;
+    this.index = opts.index;
+    this.source = opts.source;
+    this.memory = opts.memory;
+    this.disk = opts.disk;
+    this.logger = opts.logger ?? nullLogger;
+    this.engine = opts.engine ?? inflateEngine();
+    this.readAhead = opts.readAhead ?? true;
+    this.fetchTimeoutMs = opts.fetchTimeoutMs ?? 30_000;
+    this.inflateStep = opts.inflateStep ?? 256 << 10;
+    if (this.disk !== undefined) {
+      const digests = this.index.ztoc.compressionInfo.spanDigests;
+      for (let i = 0; i < digests.length; i++) if (this.disk.has(digests[i]!)) this.local.add(i);
+    }
+  }
+
+  get spanCount(): number {
+    return this.index.spans.length;
+  }
+
+  /** Spans whose compressed bytes are on disk or whose data is inflated. */
+  get localSpans(): number {
+    return this.local.size;
+  }
+
+  /** True when every span is local: reads no longer need the registry. */
+  get complete(): boolean {
+    return this.local.size === this.index.spans.length;
+  }
+
+  state(spanId: number): SpanState {
+    if (this.memory.get(this.layerDigest, spanId) !== undefined || this.inflating.has(spanId)) return 'inflated';
+    if (this.local.has(spanId)) return 'fetched';
+    if (this.fetching.has(spanId)) return 'fetching';
+    return 'unfetched';
+  }
+
+  /**
+   * `length` bytes of the layer's uncompressed tar from `offset` (clamped to the archive). Fails
+   * with SpanReadError when the registry does not deliver within the fetch timeout.
+   */
+  async read(offset: number, length: number): Promise<Buffer> {
+    const size = this.index.ztoc.uncompressedArchiveSize;
+    if (offset >= size || length <= 0) return Buffer.alloc(0);
+    const end = Math.min(size, offset + length);
+    this.counters.reads++;
+    const first = this.index.spanFor(offset);
+    const last = this.index.spanFor(end - 1);
+    // Ask for every span first (same tick: adjacent fetches merge), then wait.
+    const pending: Array<Promise<Buffer>> = [];
+    for (let id = first; id <= last; id++) {
+      const span = this.index.spans[id]!;
+      const upTo = Math.min(span.uncompressedEnd, end) - span.uncompressedStart;
+      pending.push(this.spanData(id, upTo));
+    }
+    if (this.readAhead && offset === this.lastReadEnd && last + 1 < this.index.spans.length) this.prefetch(last + 1);
+    this.lastReadEnd = end;
+    let parts: Buffer[];
+    try {
+      parts = await this.withTimeout(Promise.all(pending), `bytes ${offset}+${end - offset}`);
+    } catch (err) {
+      this.counters.errors++;
+      throw err;
+    }
+    this.counters.bytesRead += end - offset;
+    if (first === last) {
+      const from = offset - this.index.spans[first]!.uncompressedStart;
+      return parts[0]!.subarray(from, from + (end - offset));
+    }
+    const out = Buffer.allocUnsafe(end - offset);
+    let pos = 0;
+    for (let i = 0; i < parts.length; i++) {
+      const span = this.index.spans[first + i]!;
+      const from = Math.max(offset, span.uncompressedStart) - span.uncompressedStart;
+      const to = Math.min(end, span.uncompressedEnd) - span.uncompressedStart;
+      pos += parts[i]!.copy(out, pos, from, to);
+    }
+    return out;
+  }
+
+  /** Fetches (and inflates) a span in the background; errors are logged, not thrown. */
+  prefetch(spanId: number): void {
+    if (this.state(spanId) === 'inflated') return;
+    this.counters.readAheads++;
+    this.spanData(spanId, 0).catch(() => undefined);
+  }
+
+  /**
+   * Makes a span local (compressed on disk) without inflating it: for the background fetcher.
+   * Resolves true when it was fetched now, false when it already was local.
+   */
+  async fetchToDisk(spanId: number): Promise<boolean> {
+    if (this.local.has(spanId)) return false;
+    await this.withTimeout(this.compressed(spanId), `span ${spanId}`);
+    return true;
+  }
+
+  private async withTimeout<T>(p: Promise<T>, what: string): Promise<T> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new SpanReadError(`${this.layerDigest} ${what}`, `no data from the registry within ${this.fetchTimeoutMs} ms`)),
+        this.fetchTimeoutMs,
+      );
+      timer.unref();
+    });
+    try {
+      return await Promise.race([p, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** The span's inflated bytes, valid at least up to `upTo` (relative to the span's start). */
+  private spanData(spanId: number, upTo: number): Promise<Buffer> {
+    const cached = this.memory.get(this.layerDigest, spanId);
+    if (cached !== undefined) {
+      this.counters.memoryHits++;
+      return Promise.resolve(cached);
+    }
+    const running = this.inflating.get(spanId);
+    if (running !== undefined) return this.waitFor(running, upTo);
+    return this.compressed(spanId).then((bytes) => {
+      const again = this.memory.get(this.layerDigest, spanId);
+      if (again !== undefined) return again;
+      const inflation = this.inflating.get(spanId) ?? this.startInflation(spanId, bytes);
+      return this.waitFor(inflation, upTo);
+    });
+  }
+
+  private waitFor(inflation: Inflation, upTo: number): Promise<Buffer> {
+    if (inflation.produced >= upTo) return Promise.resolve(inflation.buf);
+    return new Promise((resolve, reject) => inflation.waiters.push({ upTo, resolve, reject }));
+  }
+
+  /** Inflates in steps; between steps, releases waiters whose bytes are there and yields the loop. */
+  private startInflation(spanId: number, compressed: Buffer): Inflation {
+    const span = this.index.spans[spanId]!;
+    const inflation: Inflation = { buf: Buffer.allocUnsafe(span.uncompressedEnd - span.uncompressedStart), produced: 0, waiters: [] };
+    this.inflating.set(spanId, inflation);
+    this.counters.inflations++;
+    void (async () => {
+      const inflater = new SpanInflater(this.index, spanId, compressed, this.engine);
+      try {
+        while (inflation.produced < inflation.buf.length) {
+          // Inflate up to the nearest waiter's need, at least one step.
+          let target = inflation.produced + this.inflateStep;
+          for (const w of inflation.waiters) target = Math.max(target, Math.min(w.upTo, inflation.produced + (4 << 20)));
+          target = Math.min(target, inflation.buf.length);
+          inflater.fill(inflation.buf, inflation.produced, target);
+          inflation.produced = inflater.produced;
+          if (inflation.waiters.length > 0) {
+            const still: Waiter[] = [];
+            for (const w of inflation.waiters) {
+              if (w.upTo <= inflation.produced) w.resolve(inflation.buf);
+              else still.push(w);
+            }
+            inflation.waiters = still;
+          }
+          if (inflation.produced < inflation.buf.length && inflation.waiters.length === 0) await yieldToLoop();
+          if (this.closed) throw new SpanReadError(this.layerDigest, 'layer closed');
+        }
+        this.memory.set(this.layerDigest, spanId, inflation.buf);
+        this.local.add(spanId);
+        for (const w of inflation.waiters) w.resolve(inflation.buf);
+      } catch (err) {
+        this.counters.errors++;
+        this.logger.error('span inflation failed', { layer: this.layerDigest, span: spanId, error: err });
+        const e = err instanceof SpanReadError ? err : new SpanReadError(`${this.layerDigest} span ${spanId}`, 'cannot inflate', { cause: err });
+        for (const w of inflation.waiters) w.reject(e);
+      } finally {
+        inflater.close();
+        this.inflating.delete(spanId);
+      }
+    })();
+    return inflation;
+  }
+
+  /** The span's compressed bytes: disk, else one shared registry fetch (digest-checked by the fetcher). */
+  private compressed(spanId: number): Promise<Buffer> {
+    let p = this.fetching.get(spanId);
+    if (p !== undefined) return p;
+    const span = this.index.spans[spanId]!;
+    const digest = this.index.ztoc.compressionInfo.spanDigests[spanId]!;
+    p = (async () => {
+      // Only touch the disk for spans it has: misses must reach the fetcher in this same tick,
+      // so that the spans of one read merge into one range request.
+      const onDisk = this.disk?.has(digest) === true ? await this.disk.get(digest) : undefined;
+      if (onDisk !== undefined) {
+        this.counters.diskHits++;
+        this.local.add(spanId);
+        return onDisk;
+      }
+      this.counters.fetches++;
+      let bytes: Uint8Array;
+      try {
+        bytes = await this.source.read(span.compressedStart, span.compressedEnd - span.compressedStart, digest);
+      } catch (err) {
+        // Log once per failing streak of a span, not on every retry by every reader.
+        if (!this.failing.has(spanId)) {
+          this.failing.add(spanId);
+          this.logger.error('span fetch failed', { layer: this.layerDigest, span: spanId, error: err });
+        }
+        throw new SpanReadError(`${this.layerDigest} span ${spanId}`, 'fetch from the registry failed', { cause: err });
+      }
+      this.failing.delete(spanId);
+      this.counters.bytesFetched += bytes.length;
+      const buf = Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length);
+      if (this.disk !== undefined) {
+        this.disk.put(digest, buf).then(
+          () => this.local.add(spanId),
+          (err: unknown) => this.logger.warn('span not written to the disk cache', { layer: this.layerDigest, span: spanId, error: err }),
+        );
+      }
+      return buf;
+    })();
+    this.fetching.set(spanId, p);
+    // Failed fetches are forgotten (the next read retries); done ones too (the bytes live in the caches).
+    p.then(
+      () => this.fetching.delete(spanId),
+      () => this.fetching.delete(spanId),
+    );
+    return p;
+  }
+
+  /** Stops inflations in progress; later reads fail. */
+  close(): void {
+    this.closed = true;
+  }
+}

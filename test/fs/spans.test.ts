@@ -1,0 +1,163 @@
+/**
+ * The span manager against a real registry: reads of a layer's tar bytes equal `gzip -dc`
+ * (oracle), one fetch and one inflation per span whatever the concurrency, the spans of one read
+ * in one range request, a read answered before its span is fully inflated, read-ahead, and a
+ * registry that stops answering: a typed error after the fetch timeout, then recovery.
+ */
+import t from 'tap';
+import { createHash } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
+import { startRegistry } from '../helpers/registry.js';
+import { defaultImages, pushImage } from '../helpers/images.js';
+import { startFaultProxy } from '../helpers/fault-proxy.js';
+import { gzipDcRanges } from '../helpers/oracles.js';
+import { RegistryClient } from '../../fetcher/index.js';
+import { buildZtocFromFile, LayerIndex } from '../../ztoc/index.js';
+import { SpanManager, SpanReadError, type InflatedSpanCacheLike, type SpanSource } from '../../fs/spans.js';
+
+class MapCache implements InflatedSpanCacheLike {
+  readonly map = new Map<string, Buffer>();
+  get(layer: string, id: number): Buffer | undefined {
+    return this.map.get(`${layer}/${id}`);
+  }
+  set(layer: string, id: number, data: Buffer): void {
+    this.map.set(`${layer}/${id}`, data);
+  }
+}
+
+const reg = await startRegistry();
+t.teardown(() => reg.stop());
+const images = await defaultImages();
+const pushed = await pushImage(images.multi.layoutDir, images.multi.tag, reg, 'fs/spans');
+const layer = images.multi.layers.reduce((a, b) => (b.size > a.size ? b : a));
+const desc = { mediaType: layer.mediaType, digest: layer.digest, size: layer.size };
+const index = new LayerIndex(await buildZtocFromFile(layer.path, { spanSize: 1 << 20 }), layer.digest);
+const tarSize = index.ztoc.uncompressedArchiveSize;
+t.comment(`layer ${layer.size} bytes, ${tarSize} bytes of tar, ${index.spans.length} spans of 1 MiB`);
+
+// A proxy in front of the registry: counts requests, and can be told to stall.
+const proxy = await startFaultProxy({ upstream: reg.url, seed: 1, rate: 0, faults: ['stall'] });
+t.teardown(() => proxy.close());
+const client = new RegistryClient({ hostsDir: '', timeouts: { connectMs: 1000, firstByteMs: 500, idleMs: 500 }, retry: { attempts: 2, baseDelayMs: 10 } });
+t.teardown(() => client.close());
+const repo = client.repository(`${proxy.host}/${pushed.repo}:${pushed.tag}`);
+const source: SpanSource = { read: (offset, length, digest) => repo.readRange(desc, offset, length, { digest }) };
+
+function manager(opts: Partial<ConstructorParameters<typeof SpanManager>[0]> = {}): SpanManager {
+  return new SpanManager({ layerDigest: layer.digest, index, source, memory: new MapCache(), ...opts });
+}
+
+const sha = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');
+
+t.test('random reads equal gzip -dc', async (t) => {
+  const m = manager();
+  let seed = 7;
+  const rand = (n: number): number => {
+    seed = (seed * 1103515245 + 12345) >>> 0;
+    return seed % n;
+  };
+  const ranges = [
+    { offset: 0, len: 1 },
+    { offset: tarSize - 1, len: 1 },
+    { offset: 0, len: tarSize },
+    { offset: index.spans[3]!.uncompressedStart - 10, len: 20 },
+    ...Array.from({ length: 150 }, () => {
+      const offset = rand(tarSize);
+      return { offset, len: Math.min(tarSize - offset, 1 + rand(3 << 20)) };
+    }),
+  ];
+  const expected = await gzipDcRanges(layer.path, ranges);
+  const got = await Promise.all(ranges.map((r) => m.read(r.offset, r.len)));
+  let bad = 0;
+  for (let i = 0; i < ranges.length; i++) if (sha(got[i]!) !== expected[i]!.sha256 || got[i]!.length !== ranges[i]!.len) bad++;
+  t.equal(bad, 0, `${ranges.length} reads (single and cross-span, whole archive, first and last byte) equal gzip -dc`);
+  t.equal(m.counters.fetches, index.spans.length, 'each span fetched once');
+  t.equal(m.counters.inflations, index.spans.length, 'each span inflated once');
+  t.equal((await m.read(tarSize, 10)).length, 0, 'a read at the end is empty');
+});
+
+t.test('concurrent reads of one span share one fetch and one inflation', async (t) => {
+  const m = manager();
+  const span = index.spans[5]!;
+  const reads = Array.from({ length: 50 }, (_, i) => m.read(span.uncompressedStart + i * 1000, 4096));
+  const got = await Promise.all(reads);
+  const expected = await gzipDcRanges(layer.path, got.map((_, i) => ({ offset: span.uncompressedStart + i * 1000, len: 4096 })));
+  t.ok(got.every((b, i) => sha(b) === expected[i]!.sha256), 'all 50 right');
+  t.equal(m.counters.fetches, 1, 'one fetch');
+  t.equal(m.counters.inflations, 1, 'one inflation');
+});
+
+t.test('the spans of one read come in one range request', async (t) => {
+  const m = manager({ readAhead: false });
+  proxy.resetStats();
+  const first = index.spans[10]!;
+  const last = index.spans[13]!;
+  const data = await m.read(first.uncompressedStart, last.uncompressedEnd - first.uncompressedStart);
+  const [expected] = await gzipDcRanges(layer.path, [{ offset: first.uncompressedStart, len: data.length }]);
+  t.equal(sha(data), expected!.sha256, 'four spans right');
+  t.equal(m.counters.fetches, 4, 'four spans fetched');
+  const blobGets = proxy.stats.log.filter((r) => r.method === 'GET' && r.url.includes('/blobs/'));
+  t.equal(blobGets.length, 1, `one HTTP request (${blobGets.map((r) => r.range).join(', ')})`);
+});
+
+t.test('a read returns before the rest of its span is inflated', async (t) => {
+  const cache = new MapCache();
+  const m = manager({ memory: cache, inflateStep: 64 << 10 });
+  const span = index.spans[20]!;
+  const data = await m.read(span.uncompressedStart, 4096);
+  t.equal(data.length, 4096);
+  t.equal(cache.get(layer.digest, 20), undefined, 'the span is not finished when the read returns');
+  t.equal(m.state(20), 'inflated', 'but it is being inflated');
+  for (let i = 0; i < 200 && cache.get(layer.digest, 20) === undefined; i++) await new Promise((r) => setTimeout(r, 5));
+  t.ok(cache.get(layer.digest, 20), 'and it lands in the cache afterwards');
+  const [expected] = await gzipDcRanges(layer.path, [{ offset: span.uncompressedStart, len: span.uncompressedEnd - span.uncompressedStart }]);
+  t.equal(sha(cache.get(layer.digest, 20)!), expected!.sha256, 'the whole span is right');
+});
+
+t.test('sequential reads fetch the next span ahead', async (t) => {
+  const m = manager();
+  const span = index.spans[30]!;
+  await m.read(span.uncompressedStart, 65536);
+  await m.read(span.uncompressedStart + 65536, 65536);
+  t.equal(m.counters.readAheads, 1, 'one read-ahead');
+  for (let i = 0; i < 200 && m.state(31) !== 'inflated'; i++) await new Promise((r) => setTimeout(r, 5));
+  t.equal(m.state(31), 'inflated', 'the next span is there before anyone reads it');
+  const before = m.counters.fetches;
+  await m.read(index.spans[31]!.uncompressedStart, 100);
+  t.equal(m.counters.fetches, before, 'reading it fetches nothing');
+});
+
+t.test('a registry that stalls: typed error after the timeout, then recovery', async (t) => {
+  const m = manager({ fetchTimeoutMs: 3000 });
+  proxy.setOptions({ rate: 1, faults: ['stall'] });
+  const span = index.spans[40]!;
+  const started = Date.now();
+  const err = await m.read(span.uncompressedStart, 100).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  const took = Date.now() - started;
+  t.type(err, SpanReadError, `typed error (${String(err)})`);
+  t.ok(took < 3500, `within the fetch timeout (${took} ms)`);
+  proxy.setOptions({ rate: 0 });
+  const data = await m.read(span.uncompressedStart, 100);
+  const [expected] = await gzipDcRanges(layer.path, [{ offset: span.uncompressedStart, len: 100 }]);
+  t.equal(sha(data), expected!.sha256, 'the next read retries and succeeds');
+});
+
+t.test('a plain tar layer', async (t) => {
+  const plain = images.multi.layers.find((l) => l.mediaType.endsWith('.tar'))!;
+  t.ok(plain, 'the image has a plain tar layer');
+  const pIndex = new LayerIndex(await buildZtocFromFile(plain.path, { spanSize: 256 << 10 }), plain.digest);
+  const pDesc = { mediaType: plain.mediaType, digest: plain.digest, size: plain.size };
+  const m = new SpanManager({
+    layerDigest: plain.digest,
+    index: pIndex,
+    source: { read: (o, l, d) => repo.readRange(pDesc, o, l, { digest: d }) },
+    memory: new MapCache(),
+  });
+  const bytes = await readFile(plain.path);
+  const offset = 300_000;
+  const data = await m.read(offset, 700_000);
+  t.ok(data.equals(bytes.subarray(offset, offset + 700_000)), 'bytes equal the blob');
+});
