@@ -237,7 +237,10 @@ export class Transport {
         dispatcher,
         signal: req.signal,
       });
-      // Body errors surface when read; map them there (readBody), not as unhandled events.
+      // Body errors surface when read; map them there (readBody), not as unhandled events. An
+      // unread body that breaks, or one we destroy() unread (undici then emits a
+      // RequestAbortedError), would otherwise be an uncaught 'error' event that kills the process.
+      res.body.on('error', () => undefined);
       return { status: res.statusCode, headers: res.headers, body: res.body };
     } catch (err) {
       throw mapNetworkError(err, subject, this.timeouts);

@@ -5,7 +5,7 @@
  * `sha256-<hex>` fallback tag). Everything fetched is checked against its digest before use.
  */
 import { createHash } from 'node:crypto';
-import { AuthError, FetcherError, IntegrityError, NetworkError, NotFoundError, ProtocolError, RegistryError } from './errors.js';
+import { AuthError, FetcherError, IntegrityError, NetworkError, NotFoundError, ProtocolError, RegistryError, TimeoutError } from './errors.js';
 import { Authorizer, repositoryScope, parseTokenResponse, basicAuthorization, type Challenge, type TokenResponse } from './auth.js';
 import { resolveCredentials, type Credentials, type CredentialsOptions } from './credentials.js';
 import { loadHosts, type HostCapability, type HostConfig } from './hosts.js';
@@ -15,6 +15,7 @@ import {
   discardBody,
   header,
   markTransient,
+  mapNetworkError,
   readBody,
   safeUrl,
   statusError,
@@ -170,7 +171,10 @@ export class RegistryClient {
     const realm = new URL(challenge.params.realm!);
     const subject = `token endpoint ${safeUrl(realm)}`;
     const extraHeaders = flattenHeaders(endpoint.headers);
-    return withRetries(subject, { ...this.retry, attempts: Math.min(this.retry.attempts, 3) }, this.logger, async () => {
+    // One attempt: every operation that needs a token already runs in a retry loop of its own
+    // (a failed token fetch is not cached, so its next attempt asks again). Retrying here too
+    // would multiply the attempts, and the time to fail, by up to 3.
+    return withRetries(subject, { ...this.retry, attempts: 1 }, this.logger, async () => {
       const url = new URL(realm);
       const headers: Record<string, string> = { ...extraHeaders, accept: 'application/json' };
       let body: Uint8Array | undefined;
@@ -545,6 +549,8 @@ export class Repository {
           }
         } catch (err) {
           if (err instanceof FetcherError) throw err;
+          const mapped = mapNetworkError(err, subject, timeouts);
+          if (mapped instanceof TimeoutError) throw mapped; // a stalled body is a timeout, not a break
           throw markTransient(new NetworkError(subject, `download broke after ${received} bytes`, { cause: err }));
         }
         if (received !== desc.size) throw markTransient(new NetworkError(subject, `download ended after ${received} of ${desc.size} bytes`));
@@ -688,6 +694,8 @@ export class Repository {
       }
     } catch (err) {
       if (err instanceof FetcherError) throw err;
+      const mapped = mapNetworkError(err, subject, this.client.transport.timeouts);
+      if (mapped instanceof TimeoutError) throw mapped;
       throw markTransient(new NetworkError(subject, `whole-blob answer broke after ${pos} bytes`, { cause: err }));
     }
     if (pos !== desc.size) throw markTransient(new NetworkError(subject, `whole-blob answer ended after ${pos} of ${desc.size} bytes`));
@@ -715,8 +723,8 @@ export class Repository {
 
       let location: URL | undefined;
       const endpoint = head.endpoint;
-      for (const from of opts.mountFrom ?? []) {
-        if (from === this.ref.repository) continue;
+      const sources = (opts.mountFrom ?? []).filter((from) => from !== this.ref.repository);
+      for (const from of sources) {
         const { res } = await this.send({
           method: 'POST',
           path: 'blobs/uploads/',
@@ -730,8 +738,11 @@ export class Repository {
         discardBody(res);
         if (res.status === 201) return 'mounted';
         if (res.status === 202) {
-          location = this.uploadLocation(res, endpoint, subject);
-          break;
+          // Not mounted from `from` (the registry lacks the blob there, or cannot mount): it opened
+          // an upload instead. Keep the first such upload for uploading, and try the next source.
+          // (Uploads opened and then not used are left to the registry's purging: cancelling one
+          // takes the `delete` action, which a pull/push token does not carry.)
+          location ??= this.uploadLocation(res, endpoint, subject);
         }
         this.logger.debug('blob mount refused', { blob: desc.digest, from, status: res.status });
       }

@@ -10,9 +10,10 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, createPrivateKey, randomBytes, randomUUID, sign as cryptoSign, X509Certificate, type KeyObject } from 'node:crypto';
-import { rmSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as http from 'node:http';
+import * as https from 'node:https';
 import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
@@ -52,6 +53,27 @@ export interface StartRegistryOptions {
   startTimeoutMs?: number;
   /** Edits the registry config (a plain object, written as YAML/JSON) before start. */
   config?: (config: RegistryConfig) => void;
+  /** Serve HTTPS (`http.tls`) instead of plain HTTP; `url` is then `https://…`. */
+  tls?: RegistryTlsOptions;
+}
+
+/**
+ * TLS for a test registry: PEM files the caller made (e.g. with openssl). The helper's own
+ * requests (readiness probe, registryRequest, getManifest) trust `caFile` and present the client
+ * certificate when one is given.
+ */
+export interface RegistryTlsOptions {
+  /** Server certificate (`http.tls.certificate`); must name 127.0.0.1 (IP SAN). */
+  certFile: string;
+  /** Its key (`http.tls.key`). */
+  keyFile: string;
+  /** The CA that signed `certFile`. */
+  caFile: string;
+  /** CAs of required client certificates (`http.tls.clientcas`): the registry then demands one. */
+  clientCaFiles?: readonly string[];
+  /** Client certificate and key the helper presents (needed with `clientCaFiles`). */
+  clientCertFile?: string;
+  clientKeyFile?: string;
 }
 
 /** The registry's YAML config as an object (JSON is valid YAML, so it is written as JSON). */
@@ -99,8 +121,10 @@ export interface TokenIssuer {
 export interface Registry {
   /** `127.0.0.1:PORT` */
   readonly host: string;
-  /** `http://127.0.0.1:PORT` */
+  /** `http://127.0.0.1:PORT` (`https://` with the `tls` option) */
   readonly url: string;
+  /** The TLS files, when started with the `tls` option. */
+  readonly tls?: RegistryTlsOptions;
   readonly port: number;
   readonly auth: RegistryAuth;
   /** The first user's credentials (undefined when auth is `none`). */
@@ -161,6 +185,16 @@ export interface HttpRequestOptions {
   body?: Buffer | string;
   /** Whole-request timeout (default 30 s). */
   timeoutMs?: number;
+  /** For https URLs: the CA to trust and the client certificate to present. */
+  tls?: RegistryTlsOptions;
+}
+
+function tlsRequestOptions(tls: RegistryTlsOptions | undefined): https.RequestOptions {
+  if (tls === undefined) return {};
+  const out: https.RequestOptions = { ca: readFileSync(tls.caFile) };
+  if (tls.clientCertFile !== undefined) out.cert = readFileSync(tls.clientCertFile);
+  if (tls.clientKeyFile !== undefined) out.key = readFileSync(tls.clientKeyFile);
+  return out;
 }
 
 export function httpRequest(url: string, opts: HttpRequestOptions = {}): Promise<HttpResponse> {
@@ -171,7 +205,7 @@ export function httpRequest(url: string, opts: HttpRequestOptions = {}): Promise
       clearTimeout(timer);
       reject(e);
     };
-    const req = http.request(url, { method: opts.method ?? 'GET', headers: opts.headers, agent: false }, (res) => {
+    const onResponse = (res: http.IncomingMessage): void => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('error', fail);
@@ -179,7 +213,9 @@ export function httpRequest(url: string, opts: HttpRequestOptions = {}): Promise
         clearTimeout(timer);
         resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) });
       });
-    });
+    };
+    const base = { method: opts.method ?? 'GET', headers: opts.headers, agent: false as const };
+    const req = url.startsWith('https:') ? https.request(url, { ...base, ...tlsRequestOptions(opts.tls) }, onResponse) : http.request(url, base, onResponse);
     timer = setTimeout(() => req.destroy(new Error(`${opts.method ?? 'GET'} ${url}: no answer in ${timeoutMs} ms`)), timeoutMs);
     req.on('error', fail);
     req.end(opts.body);
@@ -241,6 +277,7 @@ export async function registryRequest(reg: Registry, pathAndQuery: string, opts:
   const headers = { ...opts.headers };
   if (reg.auth === 'basic' && creds !== undefined) headers.authorization = basicHeader(creds);
   const url = `${reg.url}${pathAndQuery}`;
+  if (reg.tls !== undefined && opts.tls === undefined) opts = { ...opts, tls: reg.tls };
   const res = await httpRequest(url, { ...opts, headers });
   if (res.status !== 401 || reg.auth !== 'token') return res;
   const ch = parseChallenge(res.headers['www-authenticate'] as string | undefined);
@@ -512,9 +549,10 @@ class RegistryHandle implements Registry {
     private readonly child: ChildProcess,
     private readonly watchdog: ChildProcess,
     private readonly log: Tail,
+    readonly tls?: RegistryTlsOptions,
   ) {
     this.host = `127.0.0.1:${port}`;
-    this.url = `http://${this.host}`;
+    this.url = `${tls === undefined ? 'http' : 'https'}://${this.host}`;
     if (child.pid === undefined || watchdog.pid === undefined) throw new RegistryError('registry or watchdog has no pid');
     this.pid = child.pid;
     this.watchdogPid = watchdog.pid;
@@ -638,6 +676,11 @@ export async function startRegistry(opts: StartRegistryOptions = {}): Promise<Re
       await issuer.listen();
       config.auth = { token: { realm: issuer.realm, service: issuer.service, issuer: issuer.issuer, rootcertbundle: keys.certPath } };
     }
+    if (opts.tls !== undefined) {
+      const tls: { [k: string]: JsonValue } = { certificate: opts.tls.certFile, key: opts.tls.keyFile };
+      if (opts.tls.clientCaFiles !== undefined) tls.clientcas = [...opts.tls.clientCaFiles];
+      (config.http as { [k: string]: JsonValue }).tls = tls;
+    }
     opts.config?.(config);
 
     // A port found free may be taken before the registry binds it: retry on that only.
@@ -647,7 +690,7 @@ export async function startRegistry(opts: StartRegistryOptions = {}): Promise<Re
       const configPath = path.join(rootDir, 'config.yml');
       await fsp.writeFile(configPath, JSON.stringify(config, null, 2));
       try {
-        const reg = await launch(port, auth, users, rootDir, issuer, configPath, opts.startTimeoutMs ?? 15_000);
+        const reg = await launch(port, auth, users, rootDir, issuer, configPath, opts.startTimeoutMs ?? 15_000, opts.tls);
         return reg;
       } catch (e) {
         if (attempt < 5 && e instanceof RegistryError && /address already in use/.test(e.log)) continue;
@@ -669,6 +712,7 @@ async function launch(
   issuer: Issuer | undefined,
   configPath: string,
   timeoutMs: number,
+  tls?: RegistryTlsOptions,
 ): Promise<RegistryHandle> {
   const log = new Tail(256 << 10);
   // detached: its own process group, so stop() can kill the group.
@@ -697,7 +741,7 @@ async function launch(
   watchdog.unref();
   unrefStream(watchdog.stdin);
 
-  const reg = new RegistryHandle(port, auth, users, rootDir, issuer, child, watchdog, log);
+  const reg = new RegistryHandle(port, auth, users, rootDir, issuer, child, watchdog, log, tls);
   live.add(reg);
   const want = auth === 'none' ? 200 : 401;
   const deadline = Date.now() + timeoutMs;
@@ -709,7 +753,7 @@ async function launch(
         throw new RegistryError(`docker-registry exited (code ${String(child.exitCode)}, signal ${String(child.signalCode)}) before answering on ${reg.host}`, log.toString());
       }
       try {
-        const res = await httpRequest(`${reg.url}/v2/`, { timeoutMs: 1000 });
+        const res = await httpRequest(`${reg.url}/v2/`, { timeoutMs: 1000, tls });
         if (res.status === want) return reg;
         last = `GET /v2/ answered ${res.status}, expected ${want}`;
       } catch (e) {
