@@ -12,7 +12,7 @@ import * as path from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
-import { cached, exists, FixtureError, FixtureUnavailableError, hasCommand, run, testCacheDir } from './layers.js';
+import { cached, exists, FixtureError, FixtureUnavailableError, FIXTURE_VERSION, hasCommand, run, testCacheDir, tree } from './layers.js';
 import { RegistryError, registryRequest, skopeoCopy, type Registry } from './registry.js';
 
 /** Bump when a recipe below changes, so cached layouts of the old recipe are not reused. */
@@ -60,7 +60,45 @@ export interface SmallRecipe extends RecipeBase {
   bytes?: number;
 }
 
-export type LayerRecipe = BusyboxRecipe | FilesRecipe | SmallRecipe;
+/**
+ * The `special` tree of layers.ts (hardlinks, symlinks with long targets, names over 100 and
+ * paths over 255 bytes, 255-byte and UTF-8 names, user.* xattrs, char and block devices, a
+ * fifo, odd modes and owners, sub-second and extreme mtimes) copied to `at` in the image,
+ * without its `whiteout/` directory (files named `.wh.*` would be whiteouts in an image layer).
+ */
+export interface SpecialTreeRecipe extends RecipeBase {
+  kind: 'special-tree';
+  /** Absolute path in the image. */
+  at: string;
+}
+
+/**
+ * Changes to files of lower layers, which umoci repack records as `.wh.NAME` whiteouts
+ * (deletions) and new entries: `remove` exact paths; `removeFirst`: under each root, the first
+ * `files` regular files and the first `dirs` directories with at least two entries (bytewise
+ * order of the paths); `write`: files (re)written with this text.
+ */
+export interface ChangeRecipe extends RecipeBase {
+  kind: 'change';
+  remove?: readonly string[];
+  removeFirst?: ReadonlyArray<{ under: string; files: number; dirs: number }>;
+  write?: Readonly<Record<string, string>>;
+}
+
+/**
+ * A hand-made layer (umoci repack never writes opaque markers; it lists each deleted child
+ * instead): each directory gets `DIR/.wh..wh..opq` right after its own entry, then new
+ * contents (`new-0.txt`, `new-1.txt`, `new-sub/inner.txt`). `dirs` are absolute paths that
+ * must exist below; `firstDirUnder`: under each root, the first directory (bytewise) with at
+ * least two entries. The tar (GNU, pax, numeric owner 0:0) is added with `umoci raw add-layer`.
+ */
+export interface OpaqueRecipe extends RecipeBase {
+  kind: 'opaque';
+  dirs?: readonly string[];
+  firstDirUnder?: readonly string[];
+}
+
+export type LayerRecipe = BusyboxRecipe | FilesRecipe | SmallRecipe | SpecialTreeRecipe | ChangeRecipe | OpaqueRecipe;
 
 export interface ImageSpec {
   /** Names the cache dir (default `image`). */
@@ -235,6 +273,105 @@ async function addSmall(rootfs: string, r: SmallRecipe, index: number): Promise<
   await fsp.writeFile(path.join(dir, 'data.bin'), data);
 }
 
+/** Paths (absolute in the image) of regular files and directories under `root` in rootfs, bytewise sorted. */
+async function entriesUnder(rootfs: string, root: string): Promise<Array<{ path: string; type: 'f' | 'd'; children: number }>> {
+  const abs = path.join(rootfs, root);
+  if (!(await exists(abs))) throw new FixtureError(abs, 'not in the image being built');
+  const res = await run('find', [abs, '-mindepth', '1', '(', '-type', 'f', '-o', '-type', 'd', ')', '-printf', '%y %p\\0']);
+  const out: Array<{ path: string; type: 'f' | 'd'; children: number }> = [];
+  for (const rec of res.stdout.split('\0')) {
+    const m = /^([fd]) (.*)$/s.exec(rec);
+    if (m === null) continue;
+    const p = '/' + path.relative(rootfs, m[2] ?? '');
+    const children = m[1] === 'd' ? (await fsp.readdir(m[2] ?? '')).length : 0;
+    out.push({ path: p, type: m[1] as 'f' | 'd', children });
+  }
+  out.sort((a, b) => Buffer.compare(Buffer.from(a.path), Buffer.from(b.path)));
+  return out;
+}
+
+async function addSpecialTree(rootfs: string, r: SpecialTreeRecipe, cacheDir: string): Promise<void> {
+  const src = await tree(cacheDir, 'special');
+  const dest = path.join(rootfs, r.at);
+  await fsp.mkdir(dest, { recursive: true });
+  // tar keeps hardlinks, devices, the fifo, owners, modes, xattrs and (nanosecond) mtimes.
+  await run('sh', ['-c', 'tar -C "$1" --exclude=./whiteout --numeric-owner --xattrs "--xattrs-include=*" -cf - . | tar -C "$2" --numeric-owner --same-owner --xattrs "--xattrs-include=*" -xpf -', 'copy', src, dest]);
+}
+
+async function applyChange(rootfs: string, r: ChangeRecipe): Promise<void> {
+  const doomed = [...(r.remove ?? [])];
+  for (const pick of r.removeFirst ?? []) {
+    const all = await entriesUnder(rootfs, pick.under);
+    const files = all.filter((e) => e.type === 'f').slice(0, pick.files);
+    const dirs = all.filter((e) => e.type === 'd' && e.children >= 2 && !files.some((f) => f.path.startsWith(e.path + '/'))).slice(0, pick.dirs);
+    if (files.length < pick.files || dirs.length < pick.dirs) throw new FixtureError(pick.under, `fewer than ${pick.files} files or ${pick.dirs} directories to remove`);
+    doomed.push(...files.map((f) => f.path), ...dirs.map((d) => d.path));
+  }
+  for (const p of doomed) {
+    const abs = path.join(rootfs, p);
+    if (!(await exists(abs))) throw new FixtureError(abs, 'cannot remove: not in the image being built');
+    await fsp.rm(abs, { recursive: true });
+  }
+  for (const [p, text] of Object.entries(r.write ?? {})) {
+    const abs = path.join(rootfs, p);
+    await fsp.mkdir(path.dirname(abs), { recursive: true });
+    await fsp.rm(abs, { force: true }); // a new inode: never write through a hardlink of a lower layer
+    await fsp.writeFile(abs, text);
+  }
+}
+
+/** Builds the opaque layer's tar at `tarPath` and applies the same change to rootfs. */
+async function makeOpaqueLayer(rootfs: string, r: OpaqueRecipe, tarPath: string, staging: string): Promise<void> {
+  const dirs = [...(r.dirs ?? [])];
+  for (const under of r.firstDirUnder ?? []) {
+    const d = (await entriesUnder(rootfs, under)).find((e) => e.type === 'd' && e.children >= 2 && !dirs.includes(e.path));
+    if (d === undefined) throw new FixtureError(under, 'no directory with two entries to make opaque');
+    dirs.push(d.path);
+  }
+  if (dirs.length === 0) throw new FixtureError('opaque layer', 'no directories given');
+  const names: string[] = [];
+  await fsp.mkdir(staging, { recursive: true });
+  for (const [i, d] of dirs.entries()) {
+    const rel = d.replace(/^\/+/, '');
+    if (!(await fsp.stat(path.join(rootfs, rel))).isDirectory()) throw new FixtureError(d, 'not a directory in the image being built');
+    const dir = path.join(staging, rel);
+    await fsp.mkdir(path.join(dir, 'new-sub'), { recursive: true });
+    await fsp.writeFile(path.join(dir, '.wh..wh..opq'), '');
+    await fsp.writeFile(path.join(dir, 'new-0.txt'), `opaque layer: new contents of ${d}\n`);
+    await fsp.writeFile(path.join(dir, 'new-1.txt'), `second new file ${i}\n`);
+    await fsp.writeFile(path.join(dir, 'new-sub', 'inner.txt'), 'inner\n');
+    // Parents first (a layer names every directory it touches), then the directory, its marker, the rest.
+    const parts = rel.split('/');
+    for (let k = 1; k < parts.length; k++) {
+      const parent = parts.slice(0, k).join('/');
+      if (!names.includes(parent)) names.push(parent);
+    }
+    names.push(rel, `${rel}/.wh..wh..opq`, `${rel}/new-0.txt`, `${rel}/new-1.txt`, `${rel}/new-sub`, `${rel}/new-sub/inner.txt`);
+  }
+  // The staging parents get the image's modes so the layer does not change them.
+  for (const n of names) {
+    const inImage = path.join(rootfs, n);
+    if (!n.endsWith('.txt') && !n.endsWith('.opq') && !n.endsWith('new-sub') && (await exists(inImage))) {
+      const st = await fsp.stat(inImage);
+      await fsp.chmod(path.join(staging, n), st.mode & 0o7777);
+      await fsp.utimes(path.join(staging, n), st.atime, st.mtime);
+    }
+  }
+  const list = `${tarPath}.list`;
+  await fsp.writeFile(list, names.map((n) => `${n}\0`).join(''));
+  try {
+    await run('tar', ['-C', staging, '--format=pax', '--numeric-owner', '--owner=0', '--group=0', '--no-recursion', '--null', '-T', list, '-cf', tarPath, '--pax-option=delete=atime,delete=ctime']);
+  } finally {
+    await fsp.rm(list, { force: true });
+  }
+  // The same change in the bundle, so a later repack diffs against the right state.
+  for (const d of dirs) {
+    const abs = path.join(rootfs, d);
+    for (const child of await fsp.readdir(abs)) await fsp.rm(path.join(abs, child), { recursive: true });
+    await run('sh', ['-c', 'tar -C "$1" --exclude=.wh..wh..opq -cf - "$2" | tar -C "$3" -xpf -', 'copy', staging, d.replace(/^\/+/, ''), rootfs]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Layout reading and plain-tar conversion
 
@@ -328,7 +465,10 @@ async function uncompressLayers(layoutDir: string, tag: string, which: readonly 
 const normalize = (spec: ImageSpec | readonly LayerRecipe[]): ImageSpec => (Array.isArray(spec) ? { layers: spec } : (spec as ImageSpec));
 
 function specKey(spec: ImageSpec): string {
-  const canon = JSON.stringify({ v: IMAGE_FIXTURE_VERSION, tag: spec.tag ?? 'latest', cmd: spec.cmd ?? ['/bin/sh'], layers: spec.layers });
+  // Images with the special tree depend on layers.ts's FIXTURE_VERSION too (only those: the
+  // keys of the other specs stay as they were).
+  const tree = spec.layers.some((l) => l.kind === 'special-tree') ? { tree: FIXTURE_VERSION } : {};
+  const canon = JSON.stringify({ v: IMAGE_FIXTURE_VERSION, tag: spec.tag ?? 'latest', cmd: spec.cmd ?? ['/bin/sh'], layers: spec.layers, ...tree });
   return createHash('sha256').update(canon).digest('hex').slice(0, 16);
 }
 
@@ -341,8 +481,10 @@ export function imageDir(cacheDir: string, spec: ImageSpec | readonly LayerRecip
 
 /**
  * Builds (or reuses) an OCI layout holding one tagged image: `umoci new`, the config, then
- * one `umoci repack` (one gzip layer) per recipe; layers marked `uncompressed` are turned into
- * plain tars afterwards. The layout is cached under `cacheDir` by a key of the spec.
+ * one `umoci repack` (one gzip layer) per recipe (an `opaque` recipe: `umoci raw add-layer` of
+ * a hand-made tar, then a fresh unpack of the bundle when more recipes follow); layers marked
+ * `uncompressed` are turned into plain tars afterwards. The layout is cached under `cacheDir`
+ * by a key of the spec.
  */
 export async function buildImage(cacheDir: string, specOrLayers: ImageSpec | readonly LayerRecipe[]): Promise<BuiltImage> {
   const spec = normalize(specOrLayers);
@@ -362,6 +504,23 @@ export async function buildImage(cacheDir: string, specOrLayers: ImageSpec | rea
       const rootfs = path.join(bundle, 'rootfs');
       const taken = new Set<string>();
       for (const [i, r] of spec.layers.entries()) {
+        const history = ['--history.created_by', `soci-ts test layer ${i}: ${r.kind}`];
+        if (r.kind === 'opaque') {
+          const tarPath = `${tmp}.opaque-${i}.tar`;
+          try {
+            await makeOpaqueLayer(rootfs, r, tarPath, `${tmp}.opaque-${i}`);
+            await run('umoci', ['raw', 'add-layer', ...history, '--image', img, tarPath]);
+          } finally {
+            await fsp.rm(tarPath, { force: true });
+            await fsp.rm(`${tmp}.opaque-${i}`, { recursive: true, force: true });
+          }
+          if (i + 1 < spec.layers.length) {
+            // umoci's record of the bundle predates the added layer: unpack afresh.
+            await fsp.rm(bundle, { recursive: true, force: true });
+            await run('umoci', ['unpack', '--image', img, bundle]);
+          }
+          continue;
+        }
         switch (r.kind) {
           case 'busybox':
             await addBusybox(rootfs);
@@ -372,9 +531,15 @@ export async function buildImage(cacheDir: string, specOrLayers: ImageSpec | rea
           case 'small':
             await addSmall(rootfs, r, i);
             break;
+          case 'special-tree':
+            await addSpecialTree(rootfs, r, cacheDir);
+            break;
+          case 'change':
+            await applyChange(rootfs, r);
+            break;
         }
         // --refresh-bundle: the next repack diffs against this state, so each adds one layer.
-        await run('umoci', ['repack', '--refresh-bundle', '--history.created_by', `soci-ts test layer ${i}: ${r.kind}`, '--image', img, bundle]);
+        await run('umoci', ['repack', '--refresh-bundle', ...history, '--image', img, bundle]);
       }
       await uncompressLayers(tmp, tag, spec.layers.flatMap((r, i) => (r.uncompressed === true ? [i] : [])));
       await run('umoci', ['gc', '--layout', tmp]); // drop the intermediate manifests and blobs
@@ -408,6 +573,34 @@ export const DEFAULT_IMAGE_SPECS = Object.freeze({
     ],
   } satisfies ImageSpec,
 });
+
+/**
+ * The image of the mount test: every kind of entry a layer filesystem must show, in upper
+ * layers over lower ones, and one layer big enough to be mounted lazily:
+ * 0. busybox (about 1 MB: below the 10 MiB minimum layer size, so unpacked);
+ * 1. about 128 MiB of tar from /usr/share and /usr/lib (tens of MB gzipped: indexed, mounted lazily);
+ * 2. the special tree at /srv/special (hardlinks, symlinks, long names, user.* xattrs,
+ *    devices, a fifo, modes, owners, odd mtimes);
+ * 3. deletions: a busybox applet, two files of /srv/special, and from layer 1 the first three
+ *    files and first directory under /usr/share (whiteouts `.wh.NAME`), plus a rewritten file;
+ * 4. opaque directories (`.wh..wh..opq`, hand-made): /srv/special/docs and the first
+ *    directory under /usr/lib, each with new contents.
+ */
+export const MOUNT_IMAGE_SPEC = Object.freeze({
+  name: 'mount',
+  layers: [
+    { kind: 'busybox' },
+    { kind: 'files', from: ['/usr/share', '/usr/lib'], maxBytes: 128 << 20 },
+    { kind: 'special-tree', at: '/srv/special' },
+    {
+      kind: 'change',
+      remove: ['/bin/vi', '/srv/special/empty/file', '/srv/special/utf8/日本語.txt'],
+      removeFirst: [{ under: '/usr/share', files: 3, dirs: 1 }],
+      write: { '/srv/special/times/half': 'rewritten in an upper layer\n' },
+    },
+    { kind: 'opaque', dirs: ['/srv/special/docs'], firstDirUnder: ['/usr/lib'] },
+  ],
+} satisfies ImageSpec);
 
 export interface DefaultImages {
   small: BuiltImage;
