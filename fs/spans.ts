@@ -33,10 +33,13 @@ export interface CompressedSpanStoreLike {
 /** A read failed: the registry did not deliver in time, or the data was bad. */
 export class SpanReadError extends Error {
   readonly subject: string;
-  constructor(subject: string, reason: string, options?: { cause?: unknown }) {
+  /** The registry did not deliver within the fetch timeout (as opposed to a failed or bad fetch). */
+  readonly timedOut: boolean;
+  constructor(subject: string, reason: string, options?: { cause?: unknown; timedOut?: boolean }) {
     super(`${subject}: ${reason}`, options);
     this.name = 'SpanReadError';
     this.subject = subject;
+    this.timedOut = options?.timedOut ?? false;
   }
 }
 
@@ -164,6 +167,9 @@ export class SpanManager {
       parts = await this.withTimeout(Promise.all(pending), `bytes ${offset}+${end - offset}`);
     } catch (err) {
       this.counters.errors++;
+      // A fetch that outlived the reader's timeout is stalled: the next read must not wait on
+      // it again but ask the registry anew (the stalled request ends by the fetcher's timeouts).
+      if (err instanceof SpanReadError && err.timedOut) for (let id = first; id <= last; id++) this.fetching.delete(id);
       throw err;
     }
     this.counters.bytesRead += end - offset;
@@ -203,7 +209,7 @@ export class SpanManager {
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(
-        () => reject(new SpanReadError(`${this.layerDigest} ${what}`, `no data from the registry within ${this.fetchTimeoutMs} ms`)),
+        () => reject(new SpanReadError(`${this.layerDigest} ${what}`, `no data from the registry within ${this.fetchTimeoutMs} ms`, { timedOut: true })),
         this.fetchTimeoutMs,
       );
       timer.unref();
@@ -320,10 +326,10 @@ export class SpanManager {
     })();
     this.fetching.set(spanId, p);
     // Failed fetches are forgotten (the next read retries); done ones too (the bytes live in the caches).
-    p.then(
-      () => this.fetching.delete(spanId),
-      () => this.fetching.delete(spanId),
-    );
+    const forget = (): void => {
+      if (this.fetching.get(spanId) === p) this.fetching.delete(spanId);
+    };
+    p.then(forget, forget);
     return p;
   }
 

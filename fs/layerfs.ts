@@ -1,0 +1,440 @@
+/**
+ * One lazily loaded layer as a read-only FUSE filesystem (fuse-native over libfuse2): metadata
+ * from the layer's inode table (built from its zTOC, no I/O), file data through the layer's span
+ * manager (range reads from the registry, verified, inflated from checkpoints, cached).
+ *
+ * Every operation answers from memory or from a promise; nothing here does sync I/O or runs a
+ * child process synchronously (either would deadlock the kernel request it serves). A read that
+ * the registry cannot serve within the fetch timeout gets EIO; the next read tries again.
+ *
+ * fuse-native limits worth knowing: times reach the kernel at millisecond precision, and times
+ * before the epoch are shown as the epoch.
+ */
+import { constants as osConstants } from 'node:os';
+import { access, mkdir, readdir, readFile, stat } from 'node:fs/promises';
+import { performance } from 'node:perf_hooks';
+import Fuse, { type FuseOps, type FuseStat } from 'fuse-native';
+import { nullLogger, type Logger } from '../fetcher/index.js';
+import type { LayerIndex } from '../ztoc/index.js';
+import { InodeTable, statfsOf, type Node } from './inodes.js';
+import { SpanManager, type CompressedSpanStoreLike, type InflatedSpanCacheLike, type SpanSource } from './spans.js';
+
+const E = osConstants.errno;
+const EIO = -E.EIO;
+const ENOENT = -E.ENOENT;
+const EROFS = -E.EROFS;
+const EISDIR = -E.EISDIR;
+const ENOTDIR = -E.ENOTDIR;
+const EINVAL = -E.EINVAL;
+const ENODATA = -E.ENODATA;
+const ERANGE = -E.ERANGE;
+const EBADF = -E.EBADF;
+const O_ACCMODE = 3;
+const W_OK = 2;
+/** Entries and attributes never change: let the kernel cache them for an hour. */
+const CACHE_TIMEOUT_S = 3600;
+
+export type FuseErrorKind = 'unavailable' | 'not-root' | 'mount-failed' | 'unmount-failed';
+
+/** FUSE is missing, we may not use it, or a mount or unmount failed. */
+export class FuseError extends Error {
+  readonly kind: FuseErrorKind;
+  /** The mountpoint, or `/dev/fuse`. */
+  readonly subject: string;
+  constructor(kind: FuseErrorKind, subject: string, reason: string, options?: { cause?: unknown }) {
+    super(`${subject}: ${reason}`, options);
+    this.name = 'FuseError';
+    this.kind = kind;
+    this.subject = subject;
+  }
+}
+
+/** Rejects with a FuseError saying what is missing when this process cannot mount FUSE. */
+export async function checkFuse(): Promise<void> {
+  if (process.getuid?.() !== 0) throw new FuseError('not-root', 'FUSE', 'mounting a layer needs root (run as root, or with sudo)');
+  try {
+    await access('/dev/fuse');
+  } catch (err) {
+    throw new FuseError('unavailable', '/dev/fuse', 'not present: this kernel or container has no FUSE (load the fuse module, or pass --device /dev/fuse)', { cause: err });
+  }
+  const filesystems = await readFile('/proc/filesystems', 'utf8').catch(() => '');
+  if (filesystems !== '' && !/\bfuse\b/.test(filesystems)) throw new FuseError('unavailable', '/proc/filesystems', 'the kernel lists no fuse filesystem');
+}
+
+export interface LayerFsOptions {
+  /** Directory to mount on: created if missing, must be empty. */
+  mountpoint: string;
+  layerDigest: string;
+  /** The layer's zTOC. */
+  index: LayerIndex;
+  /** Compressed bytes of the layer blob (the registry). */
+  source: SpanSource;
+  /** Inflated spans, shared by every layer of the process. */
+  memory: InflatedSpanCacheLike;
+  /** Compressed spans on disk, shared. */
+  disk?: CompressedSpanStoreLike;
+  logger?: Logger;
+  /** A read waiting longer than this for the registry gets EIO. Default 30 s. */
+  fetchTimeoutMs?: number;
+  /** Fetch the next span ahead on sequential reads. Default true. */
+  readAhead?: boolean;
+  /** `allow_other` + `default_permissions`, so containers read as any user. Default true. */
+  allowOther?: boolean;
+  /** Called after every FUSE operation (for latency metrics). */
+  onOp?: (op: string, ms: number, ok: boolean) => void;
+}
+
+export interface LayerFsCounters {
+  ops: number;
+  errors: number;
+  reads: number;
+  bytesRead: number;
+}
+
+/** fuse-native with `use_ino` (our inode numbers, so hardlinks share one) and ERANGE-correct xattr ops. */
+class LayerFuse extends Fuse {
+  protected override _fuseOptions(): string {
+    const base = super._fuseOptions();
+    return base === '' ? '-ouse_ino,ro' : `${base},use_ino,ro`;
+  }
+
+  // fuse-native copies a value into the kernel's buffer without checking its size; libfuse would
+  // then read past the buffer. Answer ERANGE when the value does not fit, as the kernel expects.
+  protected override _op_getxattr(signal: (...args: unknown[]) => void, path: string, name: string, valueBuf: Buffer, position: number): void {
+    const getxattr = this.ops.getxattr;
+    if (getxattr === undefined) return void signal(ENODATA, valueBuf.buffer);
+    getxattr(path, name, position, (err, value) => {
+      if (err !== 0) return signal(err, valueBuf.buffer);
+      if (value === undefined || value === null) return signal(ENODATA, valueBuf.buffer);
+      if (valueBuf.length === 0) return signal(value.length, valueBuf.buffer);
+      if (value.length > valueBuf.length) return signal(ERANGE, valueBuf.buffer);
+      value.copy(valueBuf);
+      return signal(value.length, valueBuf.buffer);
+    });
+  }
+
+  protected override _op_listxattr(signal: (...args: unknown[]) => void, path: string, listBuf: Buffer): void {
+    const listxattr = this.ops.listxattr;
+    if (listxattr === undefined) return void signal(0, listBuf.buffer);
+    listxattr(path, (err, list) => {
+      if (err !== 0 || list === undefined) return signal(err === 0 ? EIO : err, listBuf.buffer);
+      let size = 0;
+      for (const n of list) size += Buffer.byteLength(n) + 1;
+      if (listBuf.length === 0) return signal(size, listBuf.buffer);
+      if (size > listBuf.length) return signal(ERANGE, listBuf.buffer);
+      let p = 0;
+      for (const n of list) {
+        p += listBuf.write(n, p);
+        listBuf[p++] = 0;
+      }
+      return signal(p, listBuf.buffer);
+    });
+  }
+}
+
+function mountAsync(f: Fuse): Promise<void> {
+  return new Promise((resolve, reject) => f.mount((err) => (err ? reject(err) : resolve())));
+}
+
+function unmountAsync(f: Fuse): Promise<void> {
+  return new Promise((resolve, reject) => f.unmount((err) => (err ? reject(err) : resolve())));
+}
+
+function toFuseStat(n: Node): FuseStat {
+  // fuse-native takes ms numbers as well as Dates; times before the epoch cannot be encoded.
+  const ms = Math.max(0, n.mtimeSec * 1000 + Math.floor(n.mtimeNsec / 1e6)) as unknown as Date;
+  return {
+    mode: n.mode,
+    uid: n.uid,
+    gid: n.gid,
+    size: n.size,
+    dev: 0,
+    nlink: n.nlink,
+    ino: n.ino,
+    rdev: n.rdev,
+    blksize: 4096,
+    blocks: n.kind === 'reg' ? Math.ceil(n.size / 512) : 0,
+    atime: ms,
+    mtime: ms,
+    ctime: ms,
+  };
+}
+
+interface PendingRead {
+  cb: (bytesOrErr: number) => void;
+}
+
+export class LayerFs {
+  readonly mountpoint: string;
+  readonly layerDigest: string;
+  readonly table: InodeTable;
+  readonly spans: SpanManager;
+  readonly counters: LayerFsCounters = { ops: 0, errors: 0, reads: 0, bytesRead: 0 };
+  private readonly logger: Logger;
+  private readonly fuse: LayerFuse;
+  private readonly onOp: ((op: string, ms: number, ok: boolean) => void) | undefined;
+  /** Reads waiting for data: answered with EIO at unmount so the FUSE threads are never left waiting. */
+  private readonly pending = new Set<PendingRead>();
+  private stats: FuseStat[] | undefined;
+  private closing: Promise<void> | undefined;
+  private mounted = false;
+
+  private constructor(opts: LayerFsOptions, table: InodeTable) {
+    this.mountpoint = opts.mountpoint;
+    this.layerDigest = opts.layerDigest;
+    this.table = table;
+    this.logger = (opts.logger ?? nullLogger).child({ layer: opts.layerDigest });
+    this.onOp = opts.onOp;
+    this.spans = new SpanManager({
+      layerDigest: opts.layerDigest,
+      index: opts.index,
+      source: opts.source,
+      memory: opts.memory,
+      disk: opts.disk,
+      logger: this.logger,
+      readAhead: opts.readAhead,
+      fetchTimeoutMs: opts.fetchTimeoutMs,
+    });
+    const allowOther = opts.allowOther ?? true;
+    this.fuse = new LayerFuse(opts.mountpoint, this.ops(), {
+      force: true,
+      mkdir: true,
+      // Our own fetch timeout answers EIO; fuse-native's would answer ETIMEDOUT at 15 s.
+      timeout: false,
+      allowOther,
+      defaultPermissions: allowOther,
+      kernelCache: true,
+      entryTimeout: CACHE_TIMEOUT_S,
+      attrTimeout: CACHE_TIMEOUT_S,
+      fsname: `soci-ts:${opts.layerDigest.replace(/^sha256:/, '').slice(0, 12)}`,
+      subtype: 'soci-ts',
+    });
+  }
+
+  /** Builds the layer's inode table and mounts it at `opts.mountpoint`. */
+  static async mount(opts: LayerFsOptions): Promise<LayerFs> {
+    await checkFuse();
+    const table = InodeTable.fromLayer(opts.index);
+    await mkdir(opts.mountpoint, { recursive: true }).catch((err: unknown) => {
+      throw new FuseError('mount-failed', opts.mountpoint, 'cannot create the mountpoint', { cause: err });
+    });
+    const st = await stat(opts.mountpoint).catch((err: unknown) => {
+      throw new FuseError('mount-failed', opts.mountpoint, 'cannot stat the mountpoint (a stale mount? try `fusermount -uz`)', { cause: err });
+    });
+    if (!st.isDirectory()) throw new FuseError('mount-failed', opts.mountpoint, 'not a directory');
+    const names = await readdir(opts.mountpoint);
+    if (names.length > 0) throw new FuseError('mount-failed', opts.mountpoint, `not empty (${names.length} entries)`);
+    const fs = new LayerFs(opts, table);
+    const t0 = performance.now();
+    try {
+      await mountAsync(fs.fuse);
+    } catch (err) {
+      fs.spans.close();
+      throw new FuseError('mount-failed', opts.mountpoint, `fuse mount failed: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+    }
+    fs.mounted = true;
+    fs.logger.info('layer mounted', { mountpoint: opts.mountpoint, inodes: table.count, spans: fs.spans.spanCount, ms: Math.round(performance.now() - t0) });
+    if (table.warningCount > 0) fs.logger.warn('layer entries shown differently from the tar', { count: table.warningCount, first: table.warnings.slice(0, 5) });
+    return fs;
+  }
+
+  /** Unmounts (idempotent). Reads still waiting for the registry get EIO. */
+  unmount(): Promise<void> {
+    this.closing ??= (async () => {
+      this.spans.close();
+      for (const p of this.pending) p.cb(EIO);
+      this.pending.clear();
+      if (!this.mounted) return;
+      try {
+        await unmountAsync(this.fuse);
+      } catch (err) {
+        throw new FuseError('unmount-failed', this.mountpoint, `unmount failed: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+      }
+      this.mounted = false;
+      this.logger.info('layer unmounted', { mountpoint: this.mountpoint });
+    })();
+    return this.closing;
+  }
+
+  private node(path: string): Node | undefined {
+    return this.table.resolve(path);
+  }
+
+  /** Stats of every inode, made once (an immutable tree: getattr and readdir reuse them). */
+  private statOf(n: Node): FuseStat {
+    this.stats ??= new Array<FuseStat>(this.table.count + 1);
+    return (this.stats[n.ino] ??= toFuseStat(n));
+  }
+
+  private done(op: string, t0: number, ok: boolean): void {
+    this.counters.ops++;
+    if (!ok) this.counters.errors++;
+    this.onOp?.(op, performance.now() - t0, ok);
+  }
+
+  private ops(): FuseOps {
+    // Each op answers from memory; any exception becomes EIO, never a crash of the process.
+    const guard = <A extends unknown[]>(op: string, fail: (...a: A) => void, body: (...a: A) => void) => {
+      return (...a: A): void => {
+        try {
+          body(...a);
+        } catch (err) {
+          this.logger.error('FUSE operation failed', { op, error: err });
+          this.counters.errors++;
+          fail(...a);
+        }
+      };
+    };
+    return {
+      init: (cb) => cb(0),
+      getattr: guard(
+        'getattr',
+        (_p, cb) => cb(EIO),
+        (path, cb) => {
+          const t0 = performance.now();
+          const n = this.node(path);
+          this.done('getattr', t0, n !== undefined);
+          if (n === undefined) return cb(ENOENT);
+          cb(0, this.statOf(n));
+        },
+      ),
+      fgetattr: guard(
+        'fgetattr',
+        (_p, _fd, cb) => cb(EIO),
+        (path, fd, cb) => {
+          const n = this.table.get(fd) ?? this.node(path);
+          if (n === undefined) return cb(ENOENT);
+          cb(0, this.statOf(n));
+        },
+      ),
+      access: guard(
+        'access',
+        (_p, _m, cb) => cb(EIO),
+        (path, mode, cb) => {
+          const n = this.node(path);
+          if (n === undefined) return cb(ENOENT);
+          cb(mode & W_OK ? EROFS : 0);
+        },
+      ),
+      statfs: guard(
+        'statfs',
+        (_p, cb) => cb(EIO),
+        (_path, cb) => cb(0, statfsOf(this.table)),
+      ),
+      readlink: guard(
+        'readlink',
+        (_p, cb) => cb(EIO),
+        (path, cb) => {
+          const n = this.node(path);
+          if (n === undefined) return cb(ENOENT);
+          if (n.kind !== 'symlink' || n.target === undefined) return cb(EINVAL);
+          cb(0, n.target);
+        },
+      ),
+      opendir: guard(
+        'opendir',
+        (_p, _f, cb) => cb(EIO),
+        (path, _flags, cb) => {
+          const n = this.node(path);
+          if (n === undefined) return cb(ENOENT);
+          if (n.kind !== 'dir') return cb(ENOTDIR);
+          cb(0, n.ino);
+        },
+      ),
+      releasedir: (_path, _fd, cb) => cb(0),
+      readdir: guard(
+        'readdir',
+        (_p, cb) => cb(EIO),
+        (path, cb) => {
+          const t0 = performance.now();
+          const n = this.node(path);
+          const entries = n === undefined ? undefined : this.table.readdir(n.ino);
+          this.done('readdir', t0, entries !== undefined);
+          if (n === undefined) return cb(ENOENT);
+          if (entries === undefined) return cb(ENOTDIR);
+          const names = new Array<string>(entries.length + 2);
+          const stats = new Array<FuseStat>(entries.length + 2);
+          names[0] = '.';
+          stats[0] = this.statOf(n);
+          names[1] = '..';
+          stats[1] = this.statOf(this.table.get(n.parent) ?? n);
+          for (let i = 0; i < entries.length; i++) {
+            names[i + 2] = entries[i]!.name;
+            stats[i + 2] = this.statOf(entries[i]!.node);
+          }
+          cb(0, names, stats);
+        },
+      ),
+      open: guard(
+        'open',
+        (_p, _f, cb) => cb(EIO),
+        (path, flags, cb) => {
+          const t0 = performance.now();
+          const n = this.node(path);
+          this.done('open', t0, n !== undefined);
+          if (n === undefined) return cb(ENOENT);
+          if ((flags & O_ACCMODE) !== 0) return cb(EROFS);
+          if (n.kind === 'dir') return cb(EISDIR);
+          cb(0, n.ino);
+        },
+      ),
+      release: (_path, _fd, cb) => cb(0),
+      read: guard(
+        'read',
+        (_p, _fd, _b, _l, _pos, cb) => cb(EIO),
+        (path, fd, buf, len, pos, cb) => this.read(path, fd, buf, len, pos, cb),
+      ),
+      getxattr: guard(
+        'getxattr',
+        (_p, _n, _pos, cb) => cb(EIO),
+        (path, name, _position, cb) => {
+          const n = this.node(path);
+          if (n === undefined) return cb(ENOENT);
+          const v = n.xattrs.get(name);
+          if (v === undefined) return cb(ENODATA);
+          cb(0, v);
+        },
+      ),
+      listxattr: guard(
+        'listxattr',
+        (_p, cb) => cb(EIO),
+        (path, cb) => {
+          const n = this.node(path);
+          if (n === undefined) return cb(ENOENT);
+          cb(0, [...n.xattrs.keys()]);
+        },
+      ),
+    };
+  }
+
+  private read(path: string, fd: number, buf: Buffer, len: number, pos: number, cb: (bytesOrErr: number) => void): void {
+    const t0 = performance.now();
+    const n = this.table.get(fd) ?? this.node(path);
+    if (n === undefined) return cb(EBADF);
+    if (n.kind !== 'reg') return cb(EISDIR);
+    this.counters.reads++;
+    const want = Math.min(len, n.size - pos);
+    if (want <= 0) {
+      this.done('read', t0, true);
+      return cb(0);
+    }
+    const pending: PendingRead = { cb };
+    this.pending.add(pending);
+    this.spans.read(n.dataOffset + pos, want).then(
+      (data) => {
+        if (!this.pending.delete(pending)) return; // answered at unmount
+        const copied = data.copy(buf, 0, 0, Math.min(data.length, len));
+        this.counters.bytesRead += copied;
+        this.done('read', t0, true);
+        cb(copied);
+      },
+      (err: unknown) => {
+        if (!this.pending.delete(pending)) return;
+        // The span manager logs the fetch failure once per streak; this is the reader's view.
+        this.logger.debug('read failed', { path, offset: pos, length: want, error: err });
+        this.done('read', t0, false);
+        cb(EIO);
+      },
+    );
+  }
+}

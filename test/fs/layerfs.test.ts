@@ -1,0 +1,314 @@
+/**
+ * One layer mounted lazily over FUSE from a real registry, against `tar -x` of the same layer
+ * (the oracle, with the overlay whiteout conversion containerd applies): every path's type,
+ * mode, owner, size, mtime, symlink target, device numbers, xattrs, hardlink identity and
+ * sha256. Then what a lazy mount promises: a small file costs only its spans, concurrent
+ * readers get the right bytes whatever the cache size, a registry outage is EIO (never wrong
+ * bytes, never a hang) and recovers, a flipped byte is caught, the disk cache survives a
+ * remount, and an unmount with reads in flight completes.
+ *
+ * Everything here is async: this process serves the FUSE mounts it reads.
+ */
+import t, { type Test } from 'tap';
+import { spawn } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtemp, open, readFile, rm, stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
+import { startRegistry } from '../helpers/registry.js';
+import { startFaultProxy } from '../helpers/fault-proxy.js';
+import { layer, run, testCacheDir, type LayerSpec } from '../helpers/layers.js';
+import { snapshotTree, type TreeEntry } from '../helpers/tree.js';
+import { RegistryClient, type Descriptor } from '../../fetcher/index.js';
+import { buildZtocFromFile, LayerIndex } from '../../ztoc/index.js';
+import { CompressedSpanStore, InflatedSpanCache, LayerFs, type LayerFsOptions } from '../../fs/index.js';
+
+const work = await mkdtemp(path.join(tmpdir(), 'soci-ts-layerfs-'));
+const mounted = new Set<LayerFs>();
+t.teardown(async () => {
+  for (const m of mounted) await m.unmount().catch(() => undefined);
+  await rm(work, { recursive: true, force: true });
+});
+
+const reg = await startRegistry();
+t.teardown(() => reg.stop());
+const proxy = await startFaultProxy({ upstream: reg.url, seed: 3, rate: 0, faults: ['stall'] });
+t.teardown(() => proxy.close());
+const client = new RegistryClient({ hostsDir: '', timeouts: { connectMs: 1000, firstByteMs: 1000, idleMs: 1000 }, retry: { attempts: 2, baseDelayMs: 10 } });
+t.teardown(() => client.close());
+const repo = client.repository(`${proxy.host}/fs/layerfs:latest`);
+
+interface Pushed {
+  file: string;
+  desc: Descriptor;
+  index: LayerIndex;
+  oracle: string;
+}
+
+const sha256 = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');
+
+/** Pushes a fixture layer as a blob, builds its zTOC and extracts it with GNU tar (the oracle). */
+async function pushLayer(spec: LayerSpec, spanSize: number): Promise<Pushed> {
+  const file = await layer(testCacheDir(), spec);
+  const bytes = await readFile(file);
+  const desc: Descriptor = {
+    mediaType: spec.compression === 'none' ? 'application/vnd.oci.image.layer.v1.tar' : 'application/vnd.oci.image.layer.v1.tar+gzip',
+    digest: `sha256:${sha256(bytes)}`,
+    size: bytes.length,
+  };
+  await repo.pushBlob(desc, bytes);
+  const index = new LayerIndex(await buildZtocFromFile(file, { spanSize }), desc.digest);
+  const oracle = path.join(work, `oracle-${spec.tree}-${spec.format}-${spec.compression}`);
+  await run('mkdir', ['-p', oracle]);
+  await run('tar', ['-xpf', file, '--same-owner', '--numeric-owner', '--xattrs', '--xattrs-include=*', '-C', oracle]);
+  return { file, desc, index, oracle };
+}
+
+let mountCount = 0;
+async function mountLayer(p: Pushed, opts: Partial<LayerFsOptions> = {}): Promise<LayerFs> {
+  const m = await LayerFs.mount({
+    mountpoint: path.join(work, `mnt-${++mountCount}`),
+    layerDigest: p.desc.digest,
+    index: p.index,
+    source: { read: (offset, length, digest) => repo.readRange(p.desc, offset, length, { digest }) },
+    memory: new InflatedSpanCache(),
+    fetchTimeoutMs: 3000,
+    ...opts,
+  });
+  mounted.add(m);
+  return m;
+}
+
+async function unmount(m: LayerFs): Promise<void> {
+  await m.unmount();
+  mounted.delete(m);
+}
+
+/** Bytes of the blob the registry was asked for through the proxy since the last reset. */
+function bytesServed(): number {
+  let n = 0;
+  for (const r of proxy.stats.log) {
+    if (r.method !== 'GET' || r.range === undefined) continue;
+    for (const part of r.range.replace(/^bytes=/, '').split(',')) {
+      const [a, b] = part.split('-').map(Number);
+      n += b! - a! + 1;
+    }
+  }
+  return n;
+}
+
+/**
+ * What containerd's overlay applier makes of the tar extraction: `.wh.NAME` → a 0/0 character
+ * device NAME with no permission bits (unless NAME itself is in the layer), `.wh..wh..opq` →
+ * `trusted.overlay.opaque=y` on its directory, other `.wh..wh.*` hidden.
+ */
+function overlayConvert(tree: Map<string, TreeEntry>): Map<string, TreeEntry> {
+  const out = new Map(tree);
+  for (const [p, e] of tree) {
+    const base = path.basename(p);
+    if (!base.startsWith('.wh.')) continue;
+    out.delete(p);
+    const dir = path.dirname(p);
+    if (base === '.wh..wh..opq') {
+      const d = out.get(dir)!;
+      out.set(dir, { ...d, xattrs: { ...d.xattrs, 'trusted.overlay.opaque': Buffer.from('y').toString('hex') } });
+    } else if (!base.startsWith('.wh..wh.')) {
+      const name = path.join(dir, base.slice(4));
+      if (!tree.has(name)) out.set(name, { type: 'char', perm: 0, uid: e.uid, gid: e.gid, size: 0, mtimeMs: e.mtimeMs, rdev: '0,0', xattrs: {}, ino: e.ino, nlink: 1 });
+    }
+  }
+  return out;
+}
+
+const special = await pushLayer({ tree: 'special', format: 'posix', compression: 'gzip-6' }, 64 << 10);
+const usr = await pushLayer({ tree: 'usr-small', format: 'gnu', compression: 'gzip-6' }, 1 << 20);
+t.comment(`special layer: ${special.desc.size} bytes, ${special.index.spans.length} spans; usr-small: ${usr.desc.size} bytes, ${usr.index.spans.length} spans`);
+
+async function checkAgainstTar(tt: Test, p: Pushed, label: string): Promise<void> {
+  const m = await mountLayer(p);
+  const got = await snapshotTree(m.mountpoint);
+  const want = overlayConvert(await snapshotTree(p.oracle));
+  // The root is the mountpoint / the extraction dir: its own attributes are not the layer's.
+  const { compareTrees } = await import('../helpers/tree.js');
+  compareTrees(tt, got, want, label, { ignore: (q) => q === '.' });
+  tt.ok(m.spans.counters.fetches > 0, `${label}: data came through range reads (${m.spans.counters.fetches} fetches)`);
+  await unmount(m);
+}
+
+t.test('single-layer mount equals tar -x: special tree (hardlinks, symlinks, long names, xattrs, devices, whiteouts)', async (tt) => {
+  await checkAgainstTar(tt, special, 'special');
+});
+
+t.test('single-layer mount equals tar -x: real files from /usr', async (tt) => {
+  await checkAgainstTar(tt, usr, 'usr-small');
+});
+
+t.test('statfs, ENOENT, EROFS, readdir of a large tree', async (tt) => {
+  const m = await mountLayer(usr);
+  const df = await run('stat', ['-f', '-c', '%b %S %c', m.mountpoint]);
+  const [blocks, bsize, files] = df.stdout.trim().split(' ').map(Number);
+  tt.equal(bsize, 4096, 'statfs block size');
+  tt.equal(files, m.table.count, 'statfs counts the inodes');
+  tt.ok(blocks! > 0, 'statfs blocks');
+  await tt.rejects(stat(path.join(m.mountpoint, 'no/such/file')), { code: 'ENOENT' }, 'missing path: ENOENT');
+  const someFile = [...(await snapshotTree(m.mountpoint, { hash: false }))].find(([, e]) => e.type === 'reg')![0];
+  await tt.rejects(open(path.join(m.mountpoint, someFile), 'r+'), { code: 'EROFS' }, 'open for writing: EROFS');
+  await tt.rejects(run('touch', [path.join(m.mountpoint, 'new-file')]), 'creating a file fails');
+  await unmount(m);
+});
+
+/** A small regular file of the big layer and its oracle bytes. */
+async function smallFiles(p: Pushed, max: number): Promise<string[]> {
+  const tree = await snapshotTree(p.oracle, { hash: false });
+  return [...tree].filter(([, e]) => e.type === 'reg' && e.size > 0 && e.size <= max).map(([q]) => q);
+}
+
+t.test('reading one small file fetches only its spans', async (tt) => {
+  const m = await mountLayer(usr);
+  const [name] = (await smallFiles(usr, 8192)).slice(-1);
+  proxy.resetStats();
+  const got = await readFile(path.join(m.mountpoint, name!));
+  const want = await readFile(path.join(usr.oracle, name!));
+  tt.equal(sha256(got), sha256(want), `${name}: right bytes`);
+  const served = bytesServed();
+  const maxSpan = Math.max(...usr.index.spans.map((s) => s.compressedEnd - s.compressedStart));
+  tt.ok(served > 0 && served <= 2 * maxSpan, `registry served ${served} bytes for a ${want.length}-byte file (at most two spans: ${2 * maxSpan})`);
+  tt.ok(served < usr.desc.size / 4, `well below the layer's ${usr.desc.size} bytes`);
+  await unmount(m);
+});
+
+async function concurrentReaders(tt: Test, memoryBytes: number): Promise<void> {
+  const memory = new InflatedSpanCache({ maxBytes: memoryBytes });
+  const m = await mountLayer(usr, { memory, readAhead: true });
+  const tree = await snapshotTree(usr.oracle, { hash: false });
+  const files = [...tree].filter(([, e]) => e.type === 'reg' && e.size > 0).map(([q, e]) => ({ q, size: e.size }));
+  let seed = memoryBytes % 997;
+  const rand = (n: number): number => {
+    seed = (seed * 1103515245 + 12345) >>> 0;
+    return seed % n;
+  };
+  let wrong = 0;
+  let reads = 0;
+  const reader = async (): Promise<void> => {
+    for (let i = 0; i < 8; i++) {
+      const f = files[rand(files.length)]!;
+      const offset = rand(f.size);
+      const length = 1 + rand(Math.min(256 << 10, f.size - offset));
+      const [a, b] = await Promise.all([readAt(path.join(m.mountpoint, f.q), offset, length), readAt(path.join(usr.oracle, f.q), offset, length)]);
+      reads++;
+      if (!a.equals(b)) wrong++;
+    }
+  };
+  await Promise.all(Array.from({ length: 64 }, reader));
+  tt.equal(reads, 512, '64 readers × 8 random ranges');
+  tt.equal(wrong, 0, 'every range equals the oracle');
+  const stats = memory.stats();
+  tt.comment(`memory cache ${memoryBytes} bytes: ${stats.evictions} evictions, ${m.spans.counters.fetches} fetches, ${m.spans.counters.inflations} inflations`);
+  if (memoryBytes < 4 << 20) tt.ok(stats.evictions > 0, 'the tiny cache evicted spans');
+  await unmount(m);
+}
+
+async function readAt(p: string, offset: number, length: number): Promise<Buffer> {
+  const fh = await open(p, 'r');
+  try {
+    const buf = Buffer.alloc(length);
+    let done = 0;
+    while (done < length) {
+      const { bytesRead } = await fh.read(buf, done, length - done, offset + done);
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    return buf.subarray(0, done);
+  } finally {
+    await fh.close();
+  }
+}
+
+t.test('64 concurrent readers, tiny memory cache (evictions)', (tt) => concurrentReaders(tt, 2 << 20));
+t.test('64 concurrent readers, large memory cache', (tt) => concurrentReaders(tt, 512 << 20));
+
+t.test('registry outage: EIO within the timeout, then recovery; never wrong bytes', async (tt) => {
+  const m = await mountLayer(usr, { fetchTimeoutMs: 1500, readAhead: false });
+  const names = await smallFiles(usr, 4096);
+  proxy.setOptions({ rate: 1, faults: ['stall'] });
+  const t0 = Date.now();
+  await tt.rejects(readFile(path.join(m.mountpoint, names[0]!)), { code: 'EIO' }, 'read during the outage: EIO');
+  const ms = Date.now() - t0;
+  tt.ok(ms < 10_000, `EIO after ${ms} ms (fetch timeout 1500 ms)`);
+  proxy.setOptions({ rate: 0 });
+  const got = await readFile(path.join(m.mountpoint, names[0]!));
+  tt.ok(got.equals(await readFile(path.join(usr.oracle, names[0]!))), 'registry back: the same read succeeds with the right bytes');
+  await unmount(m);
+});
+
+t.test('a flipped byte in a served span is caught by the span digest', async (tt) => {
+  const m = await mountLayer(usr, { fetchTimeoutMs: 2000, readAhead: false });
+  const names = await smallFiles(usr, 4096);
+  const name = names[Math.floor(names.length / 2)]!;
+  proxy.setOptions({ rate: 1, faults: ['flip'] });
+  const r = await readFile(path.join(m.mountpoint, name)).then(
+    (b) => ({ ok: true as const, b }),
+    (e: NodeJS.ErrnoException) => ({ ok: false as const, code: e.code }),
+  );
+  proxy.setOptions({ rate: 0 });
+  const want = await readFile(path.join(usr.oracle, name));
+  if (r.ok) tt.ok(r.b.equals(want), 'if anything is returned, it is the right bytes');
+  else tt.equal(r.code, 'EIO', 'corrupt span: EIO, not wrong bytes');
+  const again = await readFile(path.join(m.mountpoint, name));
+  tt.ok(again.equals(want), 'the next read (clean registry) returns the right bytes');
+  await unmount(m);
+});
+
+t.test('the disk cache survives a remount: no request for spans already fetched', async (tt) => {
+  const dir = path.join(work, 'spans');
+  const disk1 = await CompressedSpanStore.open({ dir });
+  const m1 = await mountLayer(usr, { disk: disk1, readAhead: false });
+  const names = (await smallFiles(usr, 65536)).slice(0, 40);
+  for (const n of names) await readFile(path.join(m1.mountpoint, n));
+  await unmount(m1);
+  await disk1.close();
+
+  const disk2 = await CompressedSpanStore.open({ dir });
+  tt.ok(disk2.files > 0, `the store holds ${disk2.files} spans after reopening`);
+  const m2 = await mountLayer(usr, { disk: disk2, memory: new InflatedSpanCache() });
+  proxy.resetStats();
+  for (const n of names) {
+    const got = await readFile(path.join(m2.mountpoint, n));
+    if (!got.equals(await readFile(path.join(usr.oracle, n)))) tt.fail(`${n}: wrong bytes from the disk cache`);
+  }
+  tt.equal(proxy.stats.requests, 0, 'the second mount read the same files without any request');
+  tt.ok(m2.spans.counters.diskHits > 0, `${m2.spans.counters.diskHits} disk hits`);
+  await unmount(m2);
+  await disk2.close();
+});
+
+t.test('unmount with reads in flight completes, and the readers get an error', async (tt) => {
+  const m = await mountLayer(usr, { fetchTimeoutMs: 60_000, readAhead: false });
+  const names = await smallFiles(usr, 4096);
+  proxy.setOptions({ rate: 1, faults: ['stall'] });
+  // Readers in child processes: their syscalls block on the mount, not on our event loop.
+  const readers = names.slice(0, 4).map(
+    (n) =>
+      new Promise<number | null>((resolve) => {
+        const c = spawn('cat', [path.join(m.mountpoint, n)], { stdio: 'ignore' });
+        c.on('close', (code) => resolve(code));
+      }),
+  );
+  await new Promise((r) => setTimeout(r, 500));
+  const t0 = Date.now();
+  await m.unmount();
+  mounted.delete(m);
+  tt.ok(Date.now() - t0 < 10_000, `unmount completed in ${Date.now() - t0} ms`);
+  const codes = await Promise.all(readers);
+  tt.ok(codes.every((c) => c !== 0), `every stalled reader failed (exit codes ${codes.join(',')})`);
+  proxy.setOptions({ rate: 0 });
+  const mountinfo = await readFile('/proc/self/mountinfo', 'utf8');
+  tt.notOk(mountinfo.includes(m.mountpoint), 'the mountpoint is gone from mountinfo');
+});
+
+t.test('mount errors: a non-empty mountpoint', async (tt) => {
+  const dir = path.join(work, 'not-empty');
+  await run('mkdir', ['-p', dir]);
+  await run('touch', [path.join(dir, `f-${randomBytes(2).toString('hex')}`)]);
+  await tt.rejects(mountLayer(usr, { mountpoint: dir }), { name: 'FuseError', kind: 'mount-failed', message: /not empty/ });
+});
