@@ -1,0 +1,304 @@
+/**
+ * Finding the SOCI index of an image (one platform-specific image manifest), in this order:
+ *
+ * 1. `store`: the local artifact store (`soci-ts create` records, pushed or not): the newest
+ *    record (by `createdAt`) for the manifest digest.
+ * 2. `v2`: a SOCI-enabled image (`soci-ts convert`, upstream `soci convert`): the manifest
+ *    body's `com.amazon.soci.index-digest` annotation, else an entry of the image index it was
+ *    selected from with artifact type `application/vnd.amazon.soci.index.v2+json` and
+ *    `com.amazon.soci.image-manifest-digest` naming the manifest.
+ * 3. `v1`: referrers of the manifest digest with artifact type
+ *    `application/vnd.amazon.soci.index.v1+json` (the referrers API, or the `sha256-<hex>`
+ *    fallback tag where the registry has none). Of several, the newest by the
+ *    `org.opencontainers.image.created` annotation wins; entries without it count as older
+ *    than any with it; ties go to the later entry in the list (pushers append to the fallback
+ *    tag, so later is newer), so the choice is the same for the same registry answer.
+ *
+ * The first source that has an index is used; an index that is there but unusable (not a
+ * SOCI index, for another image, missing from the store) is a `bad-index` error rather than
+ * a silent fall-through, so what gets mounted never depends on which source happened to fail.
+ *
+ * zTOCs are fetched lazily, once each (`loadZtoc`): from the store when it has the blob, else
+ * from the registry (the fetcher checks the digest); fetched zTOCs are put into the store so
+ * the next mount needs no network for them.
+ */
+import {
+  FetcherError,
+  type Descriptor,
+  type ImageIndex,
+  type ImageManifest,
+  type Logger,
+  type Repository,
+} from '../fetcher/index.js';
+import {
+  ANNOTATION_IMAGE_MANIFEST_DIGEST,
+  ANNOTATION_INDEX_DIGEST,
+  MEDIA_TYPE_OCI_MANIFEST,
+  MEDIA_TYPE_SOCI_INDEX_V1,
+  MEDIA_TYPE_SOCI_INDEX_V2,
+  ZtocError,
+  parseSociIndex,
+  readZtoc,
+  type LayerIndex,
+  type ParsedSociIndex,
+  type SociIndexVersion,
+} from '../ztoc/index.js';
+import { StoreError, type ArtifactStore } from './store.js';
+
+export type IndexSource = 'store' | 'v2' | 'v1';
+
+export type DiscoverErrorKind =
+  /** No source has an index for the image. */
+  | 'no-index'
+  /** An index was found but cannot be used (malformed, not a SOCI index, for another image, missing). */
+  | 'bad-index'
+  /** The index has no zTOC for the layer asked about. */
+  | 'no-ztoc'
+  /** A zTOC could not be fetched or is malformed or does not fit its layer. */
+  | 'bad-ztoc';
+
+/** Discovery failed. Names the image (or zTOC) and the reason. */
+export class DiscoverError extends Error {
+  readonly kind: DiscoverErrorKind;
+  /** The image (`repo@digest`), index or zTOC the error is about. */
+  readonly subject: string;
+  constructor(kind: DiscoverErrorKind, subject: string, reason: string, options?: { cause?: unknown }) {
+    super(`${subject}: ${reason}`, options);
+    this.name = 'DiscoverError';
+    this.kind = kind;
+    this.subject = subject;
+  }
+}
+
+/** The image to find an index for: a platform-specific manifest, and the index it came from. */
+export interface DiscoverTarget {
+  descriptor: Descriptor;
+  manifest: ImageManifest;
+  /** The image index the manifest was selected from (v2 SOCI indexes are listed there). */
+  index?: ImageIndex;
+}
+
+export interface DiscoverOptions {
+  /** The local artifact store: searched first, and keeps fetched zTOCs. */
+  store?: ArtifactStore;
+  logger?: Logger;
+  /** Sources to try, in order (default: store, v2, v1). */
+  sources?: readonly IndexSource[];
+  /** Largest zTOC fetched (default 512 MiB). */
+  maxZtocBytes?: number;
+}
+
+const DEFAULT_SOURCES: readonly IndexSource[] = ['store', 'v2', 'v1'];
+const DEFAULT_MAX_ZTOC_BYTES = 512 << 20;
+const ANNOTATION_CREATED = 'org.opencontainers.image.created';
+
+/** A SOCI index found for an image; zTOCs load on demand. */
+export class DiscoveredIndex {
+  private readonly loaded = new Map<string, Promise<LayerIndex>>();
+  private readonly layers: ReadonlyMap<string, Descriptor>;
+
+  constructor(
+    private readonly repo: Repository,
+    readonly image: Descriptor,
+    manifest: ImageManifest,
+    readonly source: IndexSource,
+    /** The SOCI index manifest's descriptor. */
+    readonly descriptor: Descriptor,
+    readonly parsed: ParsedSociIndex,
+    /** zTOC descriptors by image layer digest (only layers of this image). */
+    readonly ztocs: ReadonlyMap<string, Descriptor>,
+    private readonly store: ArtifactStore | undefined,
+    private readonly logger: Logger,
+    private readonly maxZtocBytes: number,
+  ) {
+    this.layers = new Map(manifest.layers.map((l) => [l.digest, l]));
+  }
+
+  get digest(): string {
+    return this.descriptor.digest;
+  }
+
+  get version(): SociIndexVersion {
+    return this.parsed.version;
+  }
+
+  /** The zTOC descriptor of an image layer, if the index has one. */
+  ztocFor(layerDigest: string): Descriptor | undefined {
+    return this.ztocs.get(layerDigest);
+  }
+
+  /**
+   * The parsed zTOC of an image layer (fetched once; concurrent callers share the fetch).
+   * Rejects with DiscoverError `no-ztoc` when the index has none, `bad-ztoc` when it cannot be
+   * fetched, is malformed or indexes a blob of another size than the layer.
+   */
+  loadZtoc(layerDigest: string): Promise<LayerIndex> {
+    let p = this.loaded.get(layerDigest);
+    if (p === undefined) {
+      p = this.fetchZtoc(layerDigest);
+      this.loaded.set(layerDigest, p);
+      p.catch(() => this.loaded.delete(layerDigest)); // a later call may try again
+    }
+    return p;
+  }
+
+  private async fetchZtoc(layerDigest: string): Promise<LayerIndex> {
+    const desc = this.ztocs.get(layerDigest);
+    const layer = this.layers.get(layerDigest);
+    if (desc === undefined || layer === undefined) {
+      throw new DiscoverError('no-ztoc', `${this.repo.ref.name}@${layerDigest}`, `SOCI index ${this.digest} has no zTOC for this layer`);
+    }
+    const subject = `zTOC ${desc.digest} (layer ${layerDigest})`;
+    let bytes: Uint8Array | undefined;
+    if (this.store !== undefined) {
+      try {
+        if (await this.store.hasBlob(desc.digest)) bytes = await this.store.readBlob(desc.digest, { size: desc.size });
+      } catch (err) {
+        // A corrupt copy has been removed by the store; fetch it again.
+        this.logger.warn('zTOC in the store unusable; fetching it from the registry', { ztoc: desc.digest, error: err });
+      }
+    }
+    if (bytes === undefined) {
+      if (desc.size > this.maxZtocBytes) throw new DiscoverError('bad-ztoc', subject, `${desc.size} bytes is over the ${this.maxZtocBytes}-byte limit`);
+      try {
+        bytes = await this.repo.fetchBlob(desc, this.maxZtocBytes);
+      } catch (err) {
+        const reason = err instanceof Error ? err.message : String(err);
+        throw new DiscoverError('bad-ztoc', subject, `cannot fetch it from ${this.repo.ref.name}: ${reason}`, { cause: err });
+      }
+      if (this.store !== undefined) {
+        await this.store.putBlob(bytes, desc.digest).catch((err: unknown) => this.logger.warn('cannot keep the zTOC in the store', { ztoc: desc.digest, error: err }));
+      }
+    }
+    let index: LayerIndex;
+    try {
+      index = readZtoc(bytes, subject);
+    } catch (err) {
+      throw new DiscoverError('bad-ztoc', subject, `malformed: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+    }
+    if (index.ztoc.compressedArchiveSize !== layer.size) {
+      throw new DiscoverError('bad-ztoc', subject, `indexes a blob of ${index.ztoc.compressedArchiveSize} bytes, but the layer has ${layer.size}`);
+    }
+    return index;
+  }
+}
+
+function imageSubject(repo: Repository, image: Descriptor): string {
+  return `${repo.ref.name}@${image.digest}`;
+}
+
+/** Parses a SOCI index manifest and keeps the zTOCs of layers of this image. */
+function parseIndex(bytes: Uint8Array, indexDigest: string, target: DiscoverTarget, subject: string, logger: Logger): { parsed: ParsedSociIndex; ztocs: Map<string, Descriptor> } {
+  let parsed: ParsedSociIndex;
+  try {
+    parsed = parseSociIndex(bytes, `SOCI index ${indexDigest}`);
+  } catch (err) {
+    throw new DiscoverError('bad-index', subject, `SOCI index ${indexDigest} is malformed: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+  }
+  if (parsed.version === 'v1' && parsed.manifest.subject !== undefined && parsed.manifest.subject.digest !== target.descriptor.digest) {
+    throw new DiscoverError('bad-index', subject, `SOCI index ${indexDigest} is for image manifest ${parsed.manifest.subject.digest}, not this one`);
+  }
+  const layerDigests = new Set(target.manifest.layers.map((l) => l.digest));
+  const ztocs = new Map<string, Descriptor>();
+  for (const z of parsed.ztocs) {
+    if (!layerDigests.has(z.layerDigest)) {
+      logger.warn('SOCI index has a zTOC for a layer the image does not have; ignored', { index: indexDigest, layer: z.layerDigest });
+      continue;
+    }
+    ztocs.set(z.layerDigest, z.ztoc);
+  }
+  for (const u of parsed.unknown) logger.info('SOCI index lists an artifact of an unknown media type; ignored', { index: indexDigest, mediaType: u.mediaType, digest: u.digest });
+  if (ztocs.size === 0) throw new DiscoverError('bad-index', subject, `SOCI index ${indexDigest} has no zTOC for any layer of this image`);
+  return { parsed, ztocs };
+}
+
+/** Newest first by the created annotation, then later list position first. */
+export function pickNewest(candidates: readonly Descriptor[]): Descriptor | undefined {
+  let best: { d: Descriptor; t: number; i: number } | undefined;
+  candidates.forEach((d, i) => {
+    const text = d.annotations?.[ANNOTATION_CREATED];
+    const parsed = text === undefined ? Number.NaN : Date.parse(text);
+    const t = Number.isFinite(parsed) ? parsed : Number.NEGATIVE_INFINITY;
+    if (best === undefined || t > best.t || (t === best.t && i > best.i)) best = { d, t, i };
+  });
+  return best?.d;
+}
+
+async function fromStore(repo: Repository, target: DiscoverTarget, store: ArtifactStore, logger: Logger): Promise<{ descriptor: Descriptor; bytes: Uint8Array } | undefined> {
+  const subject = imageSubject(repo, target.descriptor);
+  const records = await store.listIndexRecords({ imageManifestDigest: target.descriptor.digest });
+  const record = records[0];
+  if (record === undefined) return undefined;
+  if (records.length > 1) logger.debug('several indexes in the store for the image; using the newest', { image: target.descriptor.digest, index: record.digest, others: records.slice(1).map((r) => r.digest) });
+  try {
+    const bytes = await store.readBlob(record.digest, { size: record.size });
+    return { descriptor: { mediaType: record.mediaType, digest: record.digest, size: record.size, artifactType: record.artifactType }, bytes };
+  } catch (err) {
+    const reason = err instanceof Error ? err.message : String(err);
+    throw new DiscoverError('bad-index', subject, `the store ${store.root} records SOCI index ${record.digest} for this image, but cannot read it: ${reason}`, { cause: err });
+  }
+}
+
+function v2Candidate(target: DiscoverTarget): Descriptor | string | undefined {
+  const named = target.manifest.annotations?.[ANNOTATION_INDEX_DIGEST] ?? target.descriptor.annotations?.[ANNOTATION_INDEX_DIGEST];
+  const entries = target.index?.manifests ?? [];
+  if (named !== undefined) return entries.find((e) => e.digest === named) ?? named;
+  const listed = entries.filter((e) => e.artifactType === MEDIA_TYPE_SOCI_INDEX_V2 && e.annotations?.[ANNOTATION_IMAGE_MANIFEST_DIGEST] === target.descriptor.digest);
+  return pickNewest(listed);
+}
+
+async function fetchIndexManifest(repo: Repository, ref: Descriptor | string, subject: string, source: IndexSource): Promise<{ descriptor: Descriptor; bytes: Uint8Array }> {
+  const digest = typeof ref === 'string' ? ref : ref.digest;
+  try {
+    const m = await repo.fetchManifest(ref);
+    if (m.parsed.kind !== 'manifest') throw new DiscoverError('bad-index', subject, `SOCI index ${digest} (${source}) is an image index, not a manifest`);
+    return { descriptor: { ...m.descriptor, artifactType: m.parsed.manifest.config.mediaType }, bytes: m.bytes };
+  } catch (err) {
+    if (err instanceof DiscoverError) throw err;
+    const reason = err instanceof Error ? err.message : String(err);
+    throw new DiscoverError('bad-index', subject, `cannot fetch SOCI index ${digest} (${source}): ${reason}`, { cause: err });
+  }
+}
+
+/**
+ * Finds the SOCI index of one image manifest (see the module comment for the order and the
+ * choice among several). Rejects with DiscoverError: `no-index` when no source has one,
+ * `bad-index` when the one found cannot be used. Registry failures while looking (the
+ * referrers request) reject with the fetcher's error.
+ */
+export async function discoverIndex(repo: Repository, target: DiscoverTarget, opts: DiscoverOptions = {}): Promise<DiscoveredIndex> {
+  const logger = opts.logger ?? repo.client.logger;
+  const subject = imageSubject(repo, target.descriptor);
+  const tried: string[] = [];
+  for (const source of opts.sources ?? DEFAULT_SOURCES) {
+    let found: { descriptor: Descriptor; bytes: Uint8Array } | undefined;
+    if (source === 'store') {
+      if (opts.store === undefined) continue;
+      found = await fromStore(repo, target, opts.store, logger);
+      if (found === undefined) tried.push(`none in the local store ${opts.store.root}`);
+    } else if (source === 'v2') {
+      const candidate = v2Candidate(target);
+      if (candidate !== undefined) found = await fetchIndexManifest(repo, candidate, subject, 'v2');
+      else tried.push(`no ${ANNOTATION_INDEX_DIGEST} annotation (not a SOCI-enabled image)`);
+    } else {
+      const referrers = await repo.referrers(target.descriptor.digest, MEDIA_TYPE_SOCI_INDEX_V1);
+      const candidates = referrers.descriptors.filter((d) => d.mediaType === MEDIA_TYPE_OCI_MANIFEST);
+      const chosen = pickNewest(candidates);
+      if (chosen !== undefined) {
+        if (candidates.length > 1) logger.debug('several v1 SOCI indexes; using the newest', { image: target.descriptor.digest, index: chosen.digest, count: candidates.length });
+        found = await fetchIndexManifest(repo, chosen, subject, 'v1');
+      } else tried.push(`no v1 SOCI index among its referrers (${referrers.source === 'api' ? 'referrers API' : `fallback tag ${target.descriptor.digest.replace(':', '-')}`})`);
+    }
+    if (found === undefined) continue;
+    const { parsed, ztocs } = parseIndex(found.bytes, found.descriptor.digest, target, subject, logger);
+    if (source === 'v2' && parsed.version !== 'v2') logger.warn('the SOCI-enabled image names a v1 index', { index: found.descriptor.digest });
+    logger.info('SOCI index found', { image: target.descriptor.digest, index: found.descriptor.digest, source, version: parsed.version, ztocs: ztocs.size });
+    return new DiscoveredIndex(repo, target.descriptor, target.manifest, source, found.descriptor, parsed, ztocs, opts.store, logger, opts.maxZtocBytes ?? DEFAULT_MAX_ZTOC_BYTES);
+  }
+  throw new DiscoverError('no-index', subject, `no SOCI index: ${tried.join('; ')}`);
+}
+
+/** Errors of discovery are the user's to act on (exit code 1). */
+export function isDiscoverUserError(err: unknown): boolean {
+  return err instanceof DiscoverError || err instanceof FetcherError || err instanceof StoreError || err instanceof ZtocError;
+}
