@@ -28,7 +28,7 @@ import {
   type PushedIndex,
 } from './workflow.js';
 
-interface RegistryOptions {
+export interface RegistryOptions {
   root: string;
   plainHttp?: boolean;
   user?: string;
@@ -49,7 +49,8 @@ interface CreateFlags extends RegistryOptions, PlatformOptions {
   json?: boolean;
 }
 
-function addRegistryOptions(cmd: Command): Command {
+/** --root, --plain-http, --user, --hosts-dir, --log-level: the options every registry command takes. */
+export function addRegistryOptions(cmd: Command): Command {
   return cmd
     .addOption(new Option('--root <dir>', 'local store of indexes and zTOCs').env('SOCI_TS_ROOT').default(DEFAULT_ROOT))
     .option('--plain-http', 'talk plain HTTP to the registry (loopback registries with a port already are)')
@@ -68,7 +69,8 @@ function addPlatformOptions(cmd: Command): Command {
     .option('--all-platforms', 'every platform of a multi-platform image');
 }
 
-function setup(opts: RegistryOptions): { client: RegistryClient; store: ArtifactStore; logger: Logger } {
+/** The client, store and logger the registry options ask for. */
+export function setup(opts: RegistryOptions): { client: RegistryClient; store: ArtifactStore; logger: Logger } {
   if (!isLogLevel(opts.logLevel)) throw new UsageError(`--log-level: ${opts.logLevel} is not one of debug, info, warn, error`);
   const logger = jsonLogger(opts.logLevel);
   const client = new RegistryClient({

@@ -6,6 +6,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { readFile } from 'node:fs/promises';
 import { parseCount, parseSize, printTable, progress, UsageError, writeAtomic } from './cli-util.js';
 import { registryCommands, isRegistryUserError } from './cli-registry.js';
+import { mountCommands, isMountUserError, ExitCodeError } from './cli-mount.js';
 import {
   buildZtocFromFile,
   encodeZtoc,
@@ -182,6 +183,7 @@ export function buildProgram(): Command {
     );
   program.addCommand(ztocCommand());
   for (const c of registryCommands()) program.addCommand(c);
+  for (const c of mountCommands()) program.addCommand(c);
   program
     .command('version')
     .description('print version and the inflate engine in use')
@@ -193,7 +195,7 @@ export function buildProgram(): Command {
 
 /** Is this error the user's to fix (bad input, missing file) rather than ours? */
 function isUserError(err: unknown): boolean {
-  if (err instanceof UsageError || err instanceof ZtocError || isRegistryUserError(err)) return true;
+  if (err instanceof UsageError || err instanceof ZtocError || isRegistryUserError(err) || isMountUserError(err)) return true;
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
   return code === 'ENOENT' || code === 'EACCES' || code === 'EISDIR' || code === 'ENOTDIR' || code === 'EPERM';
 }
@@ -214,6 +216,11 @@ export async function main(argv: string[]): Promise<number> {
     if (err instanceof CommanderError) {
       // --help and --version end here with exit code 0.
       return err.exitCode === 0 ? 0 : 1;
+    }
+    if (err instanceof ExitCodeError) {
+      // A failure relayed from another soci-ts process (the mount's serving child), which decided the code.
+      process.stderr.write(`soci-ts: ${err.message}\n`);
+      return err.exitCode;
     }
     if (isUserError(err)) {
       process.stderr.write(`soci-ts: ${(err as Error).message}\n`);
