@@ -15,3 +15,4 @@ export {
   type CompressedSpanStoreOptions,
 } from './cache.js';
 export { LayerFs, FuseError, checkFuse, type LayerFsOptions, type LayerFsCounters, type FuseErrorKind } from './layerfs.js';
+export { unpackLayer, removeUnpackLeftovers, UnpackError, type UnpackOptions, type UnpackResult, type UnpackErrorKind } from './unpack.js';
