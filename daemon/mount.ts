@@ -236,6 +236,8 @@ export async function processStart(pid: number): Promise<string | undefined> {
     const text = await readFile(`/proc/${pid}/stat`, 'utf8');
     // The command name (field 2) is in parentheses and may hold spaces: count from its end.
     const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
+    // A zombie (state Z) has exited; it only waits for its parent to reap it.
+    if (fields[0] === 'Z' || fields[0] === 'X') return undefined;
     return fields[19];
   } catch {
     return undefined;
@@ -486,7 +488,8 @@ export async function mountImage(opts: MountOptions): Promise<ImageMount> {
   } catch (err) {
     if (!(err instanceof DiscoverError) || err.kind !== 'no-index') throw err;
     if (opts.buildIndex !== true) {
-      throw new MountError('no-index', subject, `the image has no SOCI index (${err.message.slice(err.subject.length + 2)}); pass --build-index to build zTOCs while mounting, or index it first with soci-ts create --push`, { cause: err });
+      const why = err.message.slice(err.subject.length + 2).replace(/^no SOCI index: /, '');
+      throw new MountError('no-index', subject, `the image has no SOCI index (${why}); pass --build-index to build zTOCs while mounting, or index it first with soci-ts create --push`, { cause: err });
     }
     index = await buildIndex(repo, image, discoverTarget, opts);
     indexSource = index === undefined ? undefined : 'built';

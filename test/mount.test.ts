@@ -1,0 +1,390 @@
+/**
+ * `soci-ts mount` and `umount` end to end, as root with FUSE and overlayfs, against a real
+ * registry: an image with every kind of entry (MOUNT_IMAGE_SPEC: hardlinks, symlinks, long
+ * names, user.* xattrs, devices, a fifo, whiteouts of lower files, opaque directories, one big
+ * layer of real files) is pushed with skopeo and indexed with `soci-ts create --push`; then
+ * `bin/soci-ts mount` (a child process, background mode) mounts it through a counting proxy.
+ *
+ * The oracle is `umoci unpack` of the same image (a flat rootfs) and GNU tar's listing of each
+ * layer. Every path is compared: type, mode, uid, gid, size, mtime, symlink target, rdev,
+ * user.* xattrs, sha256 of regular files, nlink, and hardlink identity (same device and inode
+ * in the mount where the oracle has one inode). Times at millisecond precision: fuse-native
+ * hands the kernel milliseconds. Two things overlayfs shows differently from a flat unpack by
+ * design, and which are therefore not compared: a directory's nlink (overlayfs reports 1 for
+ * merged directories), and the mtime of a directory that its topmost layer only implies (a
+ * layer lists only what changed, so a parent it does not list gets an arbitrary time there:
+ * the epoch in a lazy layer, as upstream soci; the unpack time in an unpacked one), while a
+ * flat unpack keeps the lower layer's time.
+ */
+import t, { type Test } from 'tap';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { lstat, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
+import { startRegistry, registryRequest } from './helpers/registry.js';
+import { startFaultProxy } from './helpers/fault-proxy.js';
+import { buildImage, pushImage, MOUNT_IMAGE_SPEC } from './helpers/images.js';
+import { run, testCacheDir } from './helpers/layers.js';
+import { tarTv } from './helpers/oracles.js';
+import { snapshotTree, type TreeEntry } from './helpers/tree.js';
+import { readZtoc } from '../ztoc/index.js';
+import { ArtifactStore } from '../daemon/store.js';
+import type { MountState } from '../daemon/mount.js';
+
+interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+const work = await mkdtemp(path.join(tmpdir(), 'soci-ts-mount-'));
+// No docker config of the machine's may leak in.
+const env = { ...process.env, DOCKER_CONFIG: path.join(work, 'docker') };
+
+function cli(args: string[], opts: { uid?: number } = {}): Promise<CliResult> {
+  return new Promise((resolve, reject) => {
+    const [cmd, argv] = opts.uid === undefined ? ['bin/soci-ts', args] : ['setpriv', [`--reuid=${opts.uid}`, `--regid=${opts.uid}`, '--clear-groups', 'bin/soci-ts', ...args]];
+    const child = spawn(cmd, argv as string[], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout.on('data', (b: Buffer) => out.push(b));
+    child.stderr.on('data', (b: Buffer) => err.push(b));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code: code ?? -1, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') }));
+  });
+}
+
+interface MountInfo {
+  mountpoint: string;
+  fstype: string;
+}
+
+async function mounts(): Promise<MountInfo[]> {
+  const text = await readFile('/proc/self/mountinfo', 'utf8');
+  return text
+    .split('\n')
+    .filter((l) => l !== '')
+    .map((l) => {
+      const f = l.split(' ');
+      const sep = f.indexOf('-');
+      return { mountpoint: f[4]!.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))), fstype: f[sep + 1]! };
+    });
+}
+
+/** Mounts at or below any of `paths`. */
+async function mountsUnder(...paths: string[]): Promise<MountInfo[]> {
+  return (await mounts()).filter((m) => paths.some((p) => m.mountpoint === p || m.mountpoint.startsWith(p + '/')));
+}
+
+/** Whether a process runs (a zombie, exited and waiting to be reaped, does not). */
+async function alive(pid: number): Promise<boolean> {
+  const st = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+  return st !== '' && !/^\) [ZX] /.test(st.slice(st.lastIndexOf(')')));
+}
+
+async function waitDead(pid: number): Promise<boolean> {
+  for (let i = 0; i < 200; i++) {
+    if (!(await alive(pid))) return true;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return false;
+}
+
+async function stateOf(root: string): Promise<MountState> {
+  const ids = (await readdir(path.join(root, 'mounts'))).filter((n) => /^[0-9a-f]{16}$/.test(n));
+  if (ids.length !== 1) throw new Error(`expected one mount state under ${root}, found ${ids.length}`);
+  return JSON.parse(await readFile(path.join(root, 'mounts', ids[0]!, 'state.json'), 'utf8')) as MountState;
+}
+
+const reg = await startRegistry();
+const proxy = await startFaultProxy({ upstream: reg.url, seed: 1, rate: 0, faults: ['stall'] });
+t.teardown(async () => {
+  // Whatever a failed test left mounted: detach it (deepest first), then the temp dir.
+  for (const m of (await mountsUnder(work)).sort((a, b) => b.mountpoint.length - a.mountpoint.length)) await run('umount', ['-l', m.mountpoint]).catch(() => undefined);
+  await proxy.close();
+  await reg.stop();
+  await rm(work, { recursive: true, force: true });
+});
+
+const image = await buildImage(testCacheDir(), MOUNT_IMAGE_SPEC);
+const pushed = await pushImage(image.layoutDir, image.tag, reg, 'mount/img');
+const common = (root: string): string[] => ['--root', root, '--hosts-dir', ''];
+
+// Index it as a user would: v1 index pushed (found through the fallback tag on registry 2.8).
+const created = await cli(['create', pushed.ref, '--push', '--json', ...common(path.join(work, 'create-root'))]);
+if (created.code !== 0) throw new Error(`soci-ts create --push failed: ${created.stderr}`);
+const createdLayers = (JSON.parse(created.stdout) as { indexes: Array<{ layers: Array<{ digest: string; ztoc?: string }> }> }).indexes[0]!.layers;
+const big = createdLayers.filter((l) => l.ztoc !== undefined);
+
+// Oracles: umoci's flat unpack, and GNU tar's listing of every layer.
+const oracleBundle = path.join(work, 'oracle');
+await run('umoci', ['unpack', '--image', `${image.layoutDir}:${image.tag}`, oracleBundle]);
+const oracleRoot = path.join(oracleBundle, 'rootfs');
+const USER_XATTRS = /^user\./;
+const oracle = await snapshotTree(oracleRoot, { xattrFilter: USER_XATTRS });
+const listings = await Promise.all(image.layers.map((l) => tarTv(l.path)));
+const norm = (name: string): string => name.replace(/^\.\//, '').replace(/\/+$/, '') || '.';
+const names = listings.map((l) => l.map((e) => norm(e.name)));
+
+/** Directories whose topmost layer (the one overlayfs takes them from) has no entry of its own for them. */
+const implicitDirs = new Set<string>();
+{
+  const ancestors = (p: string): string[] => {
+    const out = ['.'];
+    const parts = p.split('/');
+    for (let i = 1; i < parts.length; i++) out.push(parts.slice(0, i).join('/'));
+    return out;
+  };
+  for (const [p, e] of oracle) {
+    if (e.type !== 'dir') continue;
+    for (let k = names.length - 1; k >= 0; k--) {
+      const explicit = names[k]!.includes(p);
+      const implied = names[k]!.some((n) => n !== p && ancestors(n).includes(p));
+      if (explicit) break;
+      if (implied) {
+        implicitDirs.add(p);
+        break;
+      }
+    }
+  }
+}
+
+/** Compares a mounted tree with the oracle (see the module comment for what is left out). */
+async function compareWithOracle(t: Test, dir: string, label: string): Promise<void> {
+  const got = await snapshotTree(dir, { xattrFilter: USER_XATTRS });
+  const fields = (p: string, e: TreeEntry): Record<string, unknown> => ({
+    type: e.type,
+    perm: e.perm.toString(8),
+    uid: e.uid,
+    gid: e.gid,
+    size: e.size,
+    mtimeMs: e.type === 'dir' && implicitDirs.has(p) ? undefined : e.mtimeMs,
+    target: e.target,
+    rdev: e.rdev,
+    xattrs: e.xattrs,
+    sha256: e.sha256,
+    nlink: e.type === 'dir' ? undefined : e.nlink,
+  });
+  const diffs: string[] = [];
+  for (const [p, want] of oracle) {
+    const have = got.get(p);
+    if (have === undefined) {
+      diffs.push(`${p}: missing`);
+      continue;
+    }
+    const a = fields(p, have);
+    const b = fields(p, want);
+    for (const k of Object.keys(b)) if (JSON.stringify(a[k]) !== JSON.stringify(b[k])) diffs.push(`${p}: ${k} ${JSON.stringify(a[k])} != oracle ${JSON.stringify(b[k])}`);
+  }
+  for (const p of got.keys()) if (!oracle.has(p)) diffs.push(`${p}: not in the oracle`);
+  t.same(diffs.slice(0, 40), [], `${label}: all ${oracle.size} paths equal the oracle (${diffs.length} differences; ${implicitDirs.size} implied directories' mtimes not compared)`);
+
+  // Hardlinks: the oracle is one file system (inode numbers identify); overlayfs keeps each
+  // layer's device apart, so identity in the mount is (device, inode).
+  const groups = async (root: string, tree: Map<string, TreeEntry>, withDev: boolean): Promise<string[][]> => {
+    const by = new Map<string, string[]>();
+    for (const [p, e] of tree) {
+      if (e.type !== 'reg') continue;
+      const st = await lstat(path.join(root, p), { bigint: true });
+      const key = withDev ? `${st.dev}:${st.ino}` : String(st.ino);
+      by.set(key, [...(by.get(key) ?? []), p]);
+    }
+    return [...by.values()].filter((g) => g.length > 1).map((g) => g.sort()).sort((x, y) => (x[0]! < y[0]! ? -1 : 1));
+  };
+  const want = await groups(oracleRoot, oracle, false);
+  t.ok(want.length > 0, `${label}: the oracle has hardlinks (${want.map((g) => g.length).join(', ')} names)`);
+  t.same(await groups(dir, got, true), want, `${label}: the same hardlink groups`);
+}
+
+/** Whiteouts and opaque markers of the layers, checked explicitly against the mount. */
+async function checkWhiteouts(t: Test, dir: string): Promise<void> {
+  let whiteouts = 0;
+  let opaque = 0;
+  for (const [k, layerNames] of names.entries()) {
+    for (const n of layerNames) {
+      const base = path.posix.basename(n);
+      const parent = path.posix.dirname(n);
+      if (base === '.wh..wh..opq') {
+        opaque++;
+        const below = names.slice(0, k).flat().filter((x) => x.startsWith(parent + '/') && !path.posix.basename(x).startsWith('.wh.'));
+        t.ok(below.length > 0, `opaque ${parent}: lower layers have ${below.length} entries under it`);
+        const upper = new Set(names.slice(k).flat().filter((x) => path.posix.dirname(x) === parent && !path.posix.basename(x).startsWith('.wh.')).map((x) => path.posix.basename(x)));
+        t.same((await readdir(path.join(dir, parent))).sort(), [...upper].sort(), `opaque ${parent}: only the upper layers' entries are shown`);
+      } else if (base.startsWith('.wh.')) {
+        whiteouts++;
+        const target = parent === '.' ? base.slice(4) : `${parent}/${base.slice(4)}`;
+        t.ok(names.slice(0, k).some((l) => l.includes(target)), `whiteout ${target}: a lower layer has it`);
+        const gone = await lstat(path.join(dir, target)).then(
+          () => false,
+          (e: NodeJS.ErrnoException) => e.code === 'ENOENT',
+        );
+        t.ok(gone, `whiteout ${target}: absent from the mount`);
+        t.notOk(oracle.has(target), `whiteout ${target}: absent from the oracle too`);
+      }
+    }
+  }
+  t.ok(whiteouts >= 3 && opaque >= 2, `the image has whiteouts (${whiteouts}) and opaque markers (${opaque})`);
+}
+
+const mountRoot = path.join(work, 'mount-root');
+const dir = path.join(work, 'mnt');
+await mkdir(dir);
+const bigLayer = image.layers.find((l) => l.digest === big[0]?.digest)!;
+
+t.test('the fixture: one layer indexed, the others below the minimum size', async (t) => {
+  t.equal(big.length, 1, 'one layer has a zTOC');
+  t.ok(bigLayer.size >= 10 << 20, `it is above 10 MiB (${bigLayer.size} bytes)`);
+  t.equal(createdLayers.length - big.length, 4, 'four small layers');
+});
+
+t.test('mount in the background through the proxy, compare with umoci unpack', async (t) => {
+  const ref = `${proxy.host}/mount/img:${image.tag}`;
+  const r = await cli(['mount', ref, dir, '--no-background-fetch', ...common(mountRoot)]);
+  t.equal(r.code, 0, `exit 0 (${r.stderr.trim()})`);
+  t.match(r.stdout, new RegExp(`^mounted ${ref} at ${dir}: 1 layer lazily \\(FUSE\\), 4 layers unpacked; SOCI index sha256:[0-9a-f]{64} \\(v1\\); served by pid \\d+\\n$`), 'one line: what was mounted how');
+  const state = await stateOf(mountRoot);
+  t.ok(await alive(state.pid), 'the serving process runs');
+  t.equal(state.ready, true);
+  t.same(state.layers.map((l) => l.mode), image.layers.map((l) => (l.digest === bigLayer.digest ? 'lazy' : 'unpacked')), 'the big layer lazy, the others unpacked');
+  const m = await mountsUnder(dir, mountRoot);
+  t.same(m.map((x) => x.fstype).sort(), ['fuse.soci-ts', 'overlay'], 'an overlay at DIR over one FUSE layer');
+
+  // One small file of the big layer: only its span crosses the network.
+  const index = readZtoc((await registryRequest(reg, `/v2/mount/img/blobs/${big[0]!.ztoc}`)).body);
+  const mid = Math.floor(index.spans.length / 2);
+  const candidates = index.ztoc.files.filter((f) => {
+    if (f.type !== 'reg' || f.uncompressedSize < 4096 || f.uncompressedSize > 65536) return false;
+    const s = index.spanFor(f.uncompressedOffset);
+    return s > 0 && s + 1 < index.spans.length && s === index.spanFor(f.uncompressedOffset + f.uncompressedSize - 1) && oracle.get(norm(f.name))?.size === f.uncompressedSize;
+  });
+  const file = candidates.sort((a, b) => Math.abs(index.spanFor(a.uncompressedOffset) - mid) - Math.abs(index.spanFor(b.uncompressedOffset) - mid))[0]!;
+  t.ok(file, 'a small file of the big layer in a middle span');
+  const span = index.spanFor(file.uncompressedOffset);
+  proxy.resetStats();
+  const data = await readFile(path.join(dir, norm(file.name)));
+  t.equal(createHash('sha256').update(data).digest('hex'), oracle.get(norm(file.name))!.sha256, `${norm(file.name)} (${data.length} bytes) reads right`);
+  const blobPath = `/v2/mount/img/blobs/${bigLayer.digest}`;
+  let served = 0;
+  for (const rec of proxy.stats.log) {
+    if (rec.method !== 'GET' || rec.url.split('?')[0] !== blobPath) continue;
+    const m = /^bytes=(\d+)-(\d+)$/.exec(rec.range ?? '');
+    served += m === null ? bigLayer.size : Number(m[2]) - Number(m[1]) + 1;
+  }
+  const spanBytes = (id: number): number => index.spans[id]!.compressedEnd - index.spans[id]!.compressedStart;
+  t.ok(served >= spanBytes(span), `the registry served at least the file's span (${served} >= ${spanBytes(span)})`);
+  t.ok(served <= spanBytes(span) + spanBytes(span + 1), `at most its span and one read ahead (${served} <= ${spanBytes(span) + spanBytes(span + 1)})`);
+  t.ok(served < bigLayer.size / 4, `well below the layer (${served} of ${bigLayer.size} bytes)`);
+  t.comment(`figure: reading ${data.length} bytes fetched ${served} bytes of the ${bigLayer.size}-byte layer (${index.spans.length} spans)`);
+
+  await compareWithOracle(t, dir, 'lazy + unpacked');
+  await checkWhiteouts(t, dir);
+});
+
+t.test('umount: nothing left mounted, the serving process gone', async (t) => {
+  const state = await stateOf(mountRoot);
+  const r = await cli(['umount', dir, '--root', mountRoot]);
+  t.equal(r.code, 0, r.stderr);
+  t.match(r.stdout, new RegExp(`^unmounted ${dir} \\(served by pid ${state.pid}, which unmounted and exited\\)\\n$`));
+  t.same(await mountsUnder(dir, mountRoot), [], 'no mounts at DIR or under the root');
+  t.ok(await waitDead(state.pid), 'the serving process exited');
+  t.same((await readdir(path.join(mountRoot, 'mounts'))).filter((n) => !n.endsWith('.log')), [], 'the mount state is gone');
+  t.same(await readdir(dir), [], 'DIR is empty again');
+  const again = await cli(['umount', dir, '--root', mountRoot]);
+  t.equal(again.code, 1, 'a second umount: user error');
+  t.match(again.stderr, /^soci-ts: .*: not a soci-ts mount \(no mount state in .*\)\n$/);
+});
+
+t.test('user errors: one line, exit 1, nothing mounted', async (t) => {
+  const full = path.join(work, 'full');
+  await mkdir(full);
+  await writeFile(path.join(full, 'keep'), 'x');
+  const notEmpty = await cli(['mount', pushed.ref, full, ...common(mountRoot)]);
+  t.equal(notEmpty.code, 1);
+  t.match(notEmpty.stderr, /^soci-ts: .*full: not an empty directory \(1 entries; mount on an empty one\)\n$/);
+  t.same(await readdir(full), ['keep'], 'DIR untouched');
+
+  const missing = await cli(['mount', pushed.ref, path.join(work, 'nope'), ...common(mountRoot)]);
+  t.equal(missing.code, 1);
+  t.match(missing.stderr, /nope: no such directory/);
+
+  await pushImage(image.layoutDir, image.tag, reg, 'mount/noindex');
+  const none = await cli(['mount', `${reg.host}/mount/noindex:${image.tag}`, dir, ...common(mountRoot)]);
+  t.equal(none.code, 1, 'image without an index');
+  t.match(none.stderr, /^soci-ts: .*mount\/noindex:latest@sha256:[0-9a-f]{64}: the image has no SOCI index \(.*\); pass --build-index to build zTOCs while mounting, or index it first with soci-ts create --push\n$/);
+  t.same(await mountsUnder(dir, mountRoot, full), [], 'nothing mounted');
+
+  const notMount = await cli(['umount', full, '--root', mountRoot]);
+  t.equal(notMount.code, 1);
+  t.match(notMount.stderr, /full: not a soci-ts mount/);
+
+  // As another user (the checkout must be readable by nobody for node to start).
+  const canRun = await run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '-e', `require('fs').accessSync(${JSON.stringify(path.resolve('dist/daemon/main.js'))})`]).then(
+    () => true,
+    () => false,
+  );
+  await t.test('not root', { skip: canRun ? false : 'the checkout is not readable by uid 65534: cannot run soci-ts as another user here' }, async (t) => {
+    const nobody = await cli(['mount', pushed.ref, dir, ...common(path.join(work, 'nobody-root'))], { uid: 65534 });
+    t.equal(nobody.code, 1, 'not root: user error');
+    t.match(nobody.stderr, /^soci-ts: mount: mounting an image needs root/);
+  });
+});
+
+t.test('--build-index in the foreground: every layer lazy, built on the fly, SIGTERM unmounts', async (t) => {
+  const root = path.join(work, 'build-root');
+  const fgDir = path.join(work, 'mnt-fg');
+  await mkdir(fgDir);
+  const child: ChildProcess = spawn(
+    'bin/soci-ts',
+    ['mount', `${proxy.host}/mount/noindex:${image.tag}`, fgDir, '--foreground', '--build-index', '--min-layer-size', '1', '--no-background-fetch', ...common(root)],
+    { env, stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  let stderr = '';
+  child.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  const line = await new Promise<string>((resolve, reject) => {
+    let out = '';
+    child.stdout!.on('data', (b: Buffer) => {
+      out += b.toString();
+      if (out.includes('\n')) resolve(out);
+    });
+    void exited.then((code) => reject(new Error(`soci-ts mount --foreground exited ${code}: ${stderr}`)));
+  });
+  t.match(line, /^mounted .* 5 layers lazily \(FUSE\), 0 layers unpacked; SOCI index sha256:[0-9a-f]{64} \(built\); served by pid \d+\n$/, 'every layer mounted lazily, with an index built now');
+  const records = await new ArtifactStore({ root }).listIndexRecords({ imageManifestDigest: pushed.manifestDigest });
+  t.equal(records.length, 1, 'the built index is kept in the store');
+  t.equal(records[0]?.ztocs.length, 5, 'with a zTOC for every layer');
+  t.equal((await mountsUnder(fgDir, root)).filter((m) => m.fstype === 'fuse.soci-ts').length, 5, 'five FUSE layers');
+  await compareWithOracle(t, fgDir, 'all lazy');
+  await checkWhiteouts(t, fgDir);
+  child.kill('SIGTERM');
+  t.equal(await exited, 0, 'SIGTERM: unmounted and exit 0');
+  t.same(await mountsUnder(fgDir, root), [], 'nothing left mounted');
+});
+
+t.test('a crashed serving process: the next mount and umount clean up', async (t) => {
+  const crashDir = path.join(work, 'mnt-crash');
+  await mkdir(crashDir);
+  const ref = `${reg.host}/mount/img:${image.tag}`;
+  const first = await cli(['mount', ref, crashDir, '--no-background-fetch', ...common(mountRoot)]);
+  t.equal(first.code, 0, first.stderr);
+  const s1 = await stateOf(mountRoot);
+  process.kill(s1.pid, 'SIGKILL');
+  t.ok(await waitDead(s1.pid), 'killed');
+  t.ok((await mountsUnder(crashDir)).length > 0, 'its overlay is left behind');
+
+  const second = await cli(['mount', ref, crashDir, '--no-background-fetch', ...common(mountRoot)]);
+  t.equal(second.code, 0, `mounting again over the leftovers works (${second.stderr.trim()})`);
+  const s2 = await stateOf(mountRoot);
+  t.not(s2.pid, s1.pid, 'a new serving process');
+  t.equal((await lstat(path.join(crashDir, 'bin/busybox'))).isFile(), true, 'the new mount serves');
+  t.equal((await mountsUnder(crashDir)).length, 1, 'one mount at DIR (the old one detached)');
+
+  process.kill(s2.pid, 'SIGKILL');
+  t.ok(await waitDead(s2.pid), 'killed again');
+  const r = await cli(['umount', crashDir, '--root', mountRoot]);
+  t.equal(r.code, 0, r.stderr);
+  t.match(r.stdout, /its process \(pid \d+\) was gone; leftovers cleaned up/);
+  t.same(await mountsUnder(crashDir, mountRoot), [], 'nothing left mounted');
+  t.same((await readdir(path.join(mountRoot, 'mounts'))).filter((n) => !n.endsWith('.log')), [], 'no state left');
+});
