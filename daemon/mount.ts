@@ -443,6 +443,7 @@ export class ImageMount {
           if (r.code !== 0) failures.push(`${fs.mountpoint}: ${r.stderr}`);
         }
       }
+      await this.diskStore?.close().catch((err: unknown) => this.logger.warn('span cache not flushed', { error: err }));
       if (failures.length > 0) throw new MountError('unmount-failed', this.dir, `FUSE layers left mounted: ${failures.join('; ')}`);
       await cleanupMount(this.root, this.id, undefined, this.logger);
       this.logger.info('image unmounted', { dir: this.dir, image: this.state.image });
@@ -594,6 +595,7 @@ export async function mountImage(opts: MountOptions): Promise<ImageMount> {
     logger.warn('mount failed; taking down what was mounted', { dir, error: err });
     await unmountTop(dir, logger).catch(() => undefined);
     for (const fs of layerFs) await fs.unmount().catch(() => undefined);
+    await diskStore?.close().catch(() => undefined);
     await cleanupMount(root, id, dir, logger).catch((e: unknown) => logger.error('cleanup after a failed mount failed', { dir, error: e }));
     throw err instanceof FuseError ? new MountError('mount-failed', err.subject, err.message.slice(err.subject.length + 2), { cause: err }) : err;
   }

@@ -29,6 +29,8 @@ import { run, testCacheDir } from './helpers/layers.js';
 import { tarTv } from './helpers/oracles.js';
 import { snapshotTree, type TreeEntry } from './helpers/tree.js';
 import { readZtoc } from '../ztoc/index.js';
+import { RegistryClient } from '../fetcher/index.js';
+import { unpackLayer } from '../fs/index.js';
 import { ArtifactStore } from '../daemon/store.js';
 import type { MountState } from '../daemon/mount.js';
 
@@ -366,9 +368,17 @@ t.test('a crashed serving process: the next mount and umount clean up', async (t
   const crashDir = path.join(work, 'mnt-crash');
   await mkdir(crashDir);
   const ref = `${reg.host}/mount/img:${image.tag}`;
+  // An unpack of the bottom layer already under <root>/layers: used as it is, never removed.
+  const bottom = image.layers[0]!;
+  const shared = path.join(mountRoot, 'layers', bottom.digest.slice('sha256:'.length));
+  const client = new RegistryClient({ hostsDir: '' });
+  const desc = { mediaType: bottom.mediaType, digest: bottom.digest, size: bottom.size };
+  await unpackLayer({ source: client.repository(ref).blobStream(desc), mediaType: bottom.mediaType, digest: bottom.digest, dest: shared });
+  await client.close();
   const first = await cli(['mount', ref, crashDir, '--no-background-fetch', ...common(mountRoot)]);
   t.equal(first.code, 0, first.stderr);
   const s1 = await stateOf(mountRoot);
+  t.same(s1.layers[0], { n: 0, digest: bottom.digest, mediaType: bottom.mediaType, size: bottom.size, mode: 'unpacked', path: shared, shared: true }, 'the shared unpack of the bottom layer is used');
   process.kill(s1.pid, 'SIGKILL');
   t.ok(await waitDead(s1.pid), 'killed');
   t.ok((await mountsUnder(crashDir)).length > 0, 'its overlay is left behind');
@@ -387,4 +397,5 @@ t.test('a crashed serving process: the next mount and umount clean up', async (t
   t.match(r.stdout, /its process \(pid \d+\) was gone; leftovers cleaned up/);
   t.same(await mountsUnder(crashDir, mountRoot), [], 'nothing left mounted');
   t.same((await readdir(path.join(mountRoot, 'mounts'))).filter((n) => !n.endsWith('.log')), [], 'no state left');
+  t.ok((await lstat(path.join(shared, 'bin/busybox'))).isFile(), 'the shared unpack is still there');
 });
