@@ -683,8 +683,8 @@ const MAX_TIME_SECONDS = 9223372036n;
 
 /** Non-directory entries being created at once (each a chain of fs calls on the libuv pool). */
 const MAX_JOBS = 32;
-/** Bytes of one file queued for writing before the walk waits for them. */
-const MAX_QUEUED = 4 << 20;
+/** Bytes queued for writing (over all files) before the walk waits for its current file's writes. */
+const MAX_QUEUED = 16 << 20;
 const noop = (): void => undefined;
 
 class Applier implements EntryHandler {
@@ -702,6 +702,8 @@ class Applier implements EntryHandler {
   private jobFailure: unknown = undefined;
   /** Files opened and not yet closed (closed by `abandon` after a failure). */
   private readonly handles = new Set<fsp.FileHandle>();
+  /** File data handed to background writes and not yet written. */
+  private queued = 0;
 
   constructor(
     private readonly rootDir: string,
@@ -881,7 +883,6 @@ class Applier implements EntryHandler {
    */
   private fileSink(abs: string, e: FileMetadata, mode: number, needChown: boolean, needChmod: boolean): DataSink {
     let fh: fsp.FileHandle | undefined;
-    let queued = 0;
     const wrap = (err: unknown): never => {
       throw this.ioError(e, err);
     };
@@ -892,15 +893,19 @@ class Applier implements EntryHandler {
     chain.catch(noop);
     return {
       write: async (data: Buffer): Promise<void> => {
-        queued += data.length;
-        chain = chain.then(async () => {
-          const h = fh as fsp.FileHandle;
-          let off = 0;
-          while (off < data.length) off += (await h.write(data, off, data.length - off)).bytesWritten;
-          queued -= data.length;
-        }).catch(wrap);
+        this.queued += data.length;
+        chain = chain
+          .then(async () => {
+            const h = fh as fsp.FileHandle;
+            let off = 0;
+            while (off < data.length) off += (await h.write(data, off, data.length - off)).bytesWritten;
+          })
+          .catch(wrap)
+          .finally(() => {
+            this.queued -= data.length;
+          });
         chain.catch(noop);
-        if (queued > MAX_QUEUED) await chain;
+        if (this.queued > MAX_QUEUED) await chain;
       },
       end: async (): Promise<void> => {
         const done = chain

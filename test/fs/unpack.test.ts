@@ -25,7 +25,7 @@ import * as path from 'node:path';
 import { RegistryClient, jsonLogger, MEDIA_TYPE_OCI_LAYER, MEDIA_TYPE_OCI_LAYER_GZIP, MEDIA_TYPE_OCI_LAYER_ZSTD, MEDIA_TYPE_DOCKER_LAYER_GZIP, type Logger } from '../../fetcher/index.js';
 import { UnpackError, removeUnpackLeftovers, unpackLayer, type UnpackResult } from '../../fs/unpack.js';
 import { cached, layer, run, testCacheDir, SPECIAL, type LayerSpec } from '../helpers/layers.js';
-import { pushImage, readImage, type BuiltImage } from '../helpers/images.js';
+import { defaultImages, pushImage, readImage, type BuiltImage } from '../helpers/images.js';
 import { startRegistry } from '../helpers/registry.js';
 
 const CACHE = testCacheDir();
@@ -195,7 +195,9 @@ async function tarOracle(layerPath: string, dest: string): Promise<void> {
   await fsp.mkdir(dest);
   // Exit 2 only for whiteouts under a path the layer made a file (umoci writes those): GNU tar
   // cannot create them ("Not a directory"), and they have nothing to hide.
-  const res = await run('tar', ['-xpf', layerPath, '-C', dest, '--same-owner', '--xattrs', '--xattrs-include=*', '--numeric-owner'], { okCodes: [0, 2] });
+  // --delay-directory-restore: directory times at the end, as the tar need not keep a
+  // directory's entries together (umoci sorts `d.x/...` between `d/` and `d/f`).
+  const res = await run('tar', ['-xpf', layerPath, '-C', dest, '--same-owner', '--xattrs', '--xattrs-include=*', '--numeric-owner', '--delay-directory-restore'], { okCodes: [0, 2] });
   if (res.code === 2) {
     const errors = res.stderr.split('\n').filter((l) => l !== '' && !/^tar: Exiting with failure status/.test(l));
     const other = errors.filter((l) => !/^tar: .*\/\.wh\.[^/:]*: Cannot open: Not a directory$/.test(l));
@@ -407,12 +409,17 @@ async function whiteoutImage(): Promise<BuiltImage> {
   return readImage(dir, 'latest');
 }
 
-t.test('a real image from the registry, stacked as overlay lowerdirs, equals umoci unpack', async (t) => {
-  const image = await whiteoutImage();
-  t.equal(image.layers.length, 3, 'three layers');
+const registryImages: Array<{ name: string; image: () => Promise<BuiltImage> }> = [
+  { name: 'whiteouts', image: whiteoutImage },
+  { name: 'multi', image: async () => (await defaultImages()).multi },
+];
+
+for (const { name, image: build } of registryImages) t.test(`${name}: a real image from the registry, stacked as overlay lowerdirs, equals umoci unpack`, async (t) => {
+  const image = await build();
+  t.comment(`${image.layers.length} layers: ${image.layers.map((l) => `${l.mediaType.split('.').pop()} ${l.size}`).join(', ')}`);
   const reg = await startRegistry();
   t.teardown(() => reg.stop());
-  const pushed = await pushImage(image.layoutDir, image.tag, reg, 'unpack/whiteouts');
+  const pushed = await pushImage(image.layoutDir, image.tag, reg, `unpack/${name}`);
   const client = new RegistryClient({ hostsDir: '' });
   t.teardown(() => client.close());
   const repo = client.repository(`${reg.host}/${pushed.repo}:${pushed.tag}`);
@@ -436,13 +443,15 @@ t.test('a real image from the registry, stacked as overlay lowerdirs, equals umo
     const implicit = (rel: string, field: string): boolean => !listed.has(rel) && ['mtimeUs', 'mode', 'uid', 'gid', 'xattrs'].includes(field);
     const ownSnap = await snapshot(dest);
     t.same(differences(ownSnap, await snapshot(oracle), implicit).slice(0, 30), [], `layer ${i} equals GNU tar + whiteout conversion`);
-    if (i > 0) {
+    if (i > 0 && name === 'whiteouts') {
       const implicitDirs = [...ownSnap.keys()].filter((rel) => !listed.has(rel) && ownSnap.get(rel)?.type === 'dir');
       t.ok(implicitDirs.length > 0, `layer ${i} has implicit parent directories (${implicitDirs.slice(0, 4).join(', ')})`);
     }
   }
-  const whiteoutsIn2 = (await snapshot(dirs[1] ?? '')).get('gone');
-  t.match(whiteoutsIn2, { type: 'char', rdev: '0:0' }, 'layer 1 holds the whiteout of gone/');
+  if (name === 'whiteouts') {
+    const whiteoutsIn2 = (await snapshot(dirs[1] ?? '')).get('gone');
+    t.match(whiteoutsIn2, { type: 'char', rdev: '0:0' }, 'layer 1 holds the whiteout of gone/');
+  }
 
   const bundle = fresh('umoci');
   await run('umoci', ['unpack', '--image', `${image.layoutDir}:${image.tag}`, bundle]);
@@ -451,7 +460,9 @@ t.test('a real image from the registry, stacked as overlay lowerdirs, equals umo
   await run('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${[...dirs].reverse().join(':')}`, mnt]);
   t.teardown(() => run('umount', [mnt]).catch(() => undefined));
   const [got, want] = await Promise.all([snapshot(mnt), snapshot(path.join(bundle, 'rootfs'))]);
-  t.ok(want.has('gone/again') && !want.has('gone/a') && !want.has('opq/a') && want.get('dir-to-file')?.type === 'file', 'umoci applied the whiteouts');
+  if (name === 'whiteouts') {
+    t.ok(want.has('gone/again') && !want.has('gone/a') && !want.has('opq/a') && want.get('dir-to-file')?.type === 'file', 'umoci applied the whiteouts');
+  }
   // Hardlink identity through overlayfs: lower inodes are reported per layer; compare names only.
   t.same(differences(got, want).slice(0, 30), [], `the merged view equals umoci's rootfs (${want.size} paths)`);
   await run('umount', [mnt]);
