@@ -63,11 +63,14 @@ export type UnpackErrorKind =
 export class UnpackError extends Error {
   readonly kind: UnpackErrorKind;
   readonly digest: string;
+  /** The message without the layer prefix. */
+  readonly reason: string;
   constructor(digest: string, kind: UnpackErrorKind, reason: string, options?: { cause?: unknown }) {
     super(`layer ${digest}: ${reason}`, options);
     this.name = 'UnpackError';
     this.kind = kind;
     this.digest = digest;
+    this.reason = reason;
   }
 }
 
@@ -82,6 +85,15 @@ export interface UnpackOptions {
   dest: string;
   logger?: Logger;
   signal?: AbortSignal;
+  /**
+   * Directories of the layers below this one, topmost first (containerd's `WithParents`): a
+   * parent directory that this layer does not have an entry for (umoci leaves unchanged ones
+   * out) takes the owner, mode, xattrs (but trusted.overlay.*) and mtime of the same directory in
+   * the first of them that has one, so that stacked as overlay lowerdirs it does not hide them;
+   * the root directory too when the layer has no root entry. May be FUSE mounts served by this
+   * process: they are read with asynchronous calls, one at a time.
+   */
+  parents?: readonly string[];
   /**
    * syncfs the temporary directory's file system before renaming it into place, so that a
    * power loss never leaves a renamed directory with missing data (default true).
@@ -154,7 +166,7 @@ export async function unpackLayer(opts: UnpackOptions): Promise<UnpackResult> {
   const blobHash = createHash(algorithm);
   const tarHash = createHash('sha256');
   const counts = { bytes: 0, tarBytes: 0, sourceDone: false };
-  const applier = new Applier(tmp, digest, logger, signal);
+  const applier = new Applier(tmp, digest, logger, signal, (opts.parents ?? []).map((p) => path.resolve(p)));
   const walker = new TarWalker(digest, applier);
   try {
     try {
@@ -176,7 +188,7 @@ export async function unpackLayer(opts: UnpackOptions): Promise<UnpackResult> {
     } catch (e) {
       // A blob read to its end that does not hash to its digest: that is the root cause,
       // whatever the decompressor or the tar walk made of its bytes.
-      if (counts.sourceDone && !(e instanceof UnpackError && e.kind === 'source')) checkDigest(digest, blobHash, e);
+      if (counts.sourceDone && !(e instanceof UnpackError && e.kind === 'source')) checkDigest(digest, blobHash, classify(digest, e, signal));
       throw classify(digest, e, signal);
     }
     checkDigest(digest, blobHash, undefined);
@@ -274,10 +286,10 @@ async function* hashed(
   }
 }
 
-function checkDigest(digest: string, hash: Hash, cause: unknown): void {
+function checkDigest(digest: string, hash: Hash, cause: UnpackError | undefined): void {
   const got = `${digest.slice(0, digest.indexOf(':'))}:${hash.digest('hex')}`;
   if (got !== digest) {
-    const also = cause === undefined ? '' : ` (and the content is bad: ${errText(cause)})`;
+    const also = cause === undefined ? '' : ` (and the content is bad: ${cause.reason})`;
     throw new UnpackError(digest, 'digest-mismatch', `the blob's bytes have digest ${got}${also}`, cause === undefined ? undefined : { cause });
   }
 }
@@ -635,6 +647,13 @@ interface Node {
   gid?: number;
 }
 
+interface DirInfo {
+  uid: number;
+  gid: number;
+  mode: number;
+  mtimeNs: bigint;
+}
+
 interface Special {
   type: 'char' | 'block' | 'fifo';
   mode: number;
@@ -650,6 +669,7 @@ class EntryProblem extends Error {
   constructor(
     readonly fatal: boolean,
     reason: string,
+    readonly notDirectory = false,
   ) {
     super(reason);
   }
@@ -663,8 +683,8 @@ const MAX_TIME_SECONDS = 9223372036n;
 
 /** Non-directory entries being created at once (each a chain of fs calls on the libuv pool). */
 const MAX_JOBS = 32;
-/** Bytes of one file queued for writing before the walk waits for them. */
-const MAX_QUEUED = 4 << 20;
+/** Bytes queued for writing (over all files) before the walk waits for its current file's writes. */
+const MAX_QUEUED = 16 << 20;
 const noop = (): void => undefined;
 
 class Applier implements EntryHandler {
@@ -682,12 +702,15 @@ class Applier implements EntryHandler {
   private jobFailure: unknown = undefined;
   /** Files opened and not yet closed (closed by `abandon` after a failure). */
   private readonly handles = new Set<fsp.FileHandle>();
+  /** File data handed to background writes and not yet written. */
+  private queued = 0;
 
   constructor(
     private readonly rootDir: string,
     private readonly digest: string,
     private readonly logger: Logger,
     private readonly signal: AbortSignal | undefined,
+    private readonly parents: readonly string[],
   ) {}
 
   /** Learns the umask from the root directory, made with mode 0777 by the caller. */
@@ -733,11 +756,24 @@ class Applier implements EntryHandler {
       return undefined;
     }
     const base = parts[parts.length - 1] as string;
-    const { dir, rel: parentRel } = await this.parentDir(parts.slice(0, -1));
+    const isWhiteout = base.startsWith(WHITEOUT);
+    let resolved: { dir: Node; rel: string };
+    try {
+      resolved = await this.parentDir(parts.slice(0, -1));
+    } catch (err) {
+      if (isWhiteout && err instanceof EntryProblem && err.notDirectory) {
+        // umoci writes `d/.wh.x` after replacing directory d by a file in the same layer:
+        // that file already hides all below it, so the whiteout has nothing to do.
+        this.logger.debug('whiteout under a non-directory of the same layer ignored', { entry: e.name });
+        return undefined;
+      }
+      throw err;
+    }
+    const { dir, rel: parentRel } = resolved;
     const children = dir.children as Map<string, Node>;
 
     // Whiteouts name a sibling in the (resolved) parent.
-    if (base.startsWith(WHITEOUT)) {
+    if (isWhiteout) {
       if (base === OPAQUE) {
         (dir.xattrs ??= new Map()).set('trusted.overlay.opaque', Buffer.from('y'));
         this.whiteouts++;
@@ -847,7 +883,6 @@ class Applier implements EntryHandler {
    */
   private fileSink(abs: string, e: FileMetadata, mode: number, needChown: boolean, needChmod: boolean): DataSink {
     let fh: fsp.FileHandle | undefined;
-    let queued = 0;
     const wrap = (err: unknown): never => {
       throw this.ioError(e, err);
     };
@@ -858,15 +893,19 @@ class Applier implements EntryHandler {
     chain.catch(noop);
     return {
       write: async (data: Buffer): Promise<void> => {
-        queued += data.length;
-        chain = chain.then(async () => {
-          const h = fh as fsp.FileHandle;
-          let off = 0;
-          while (off < data.length) off += (await h.write(data, off, data.length - off)).bytesWritten;
-          queued -= data.length;
-        }).catch(wrap);
+        this.queued += data.length;
+        chain = chain
+          .then(async () => {
+            const h = fh as fsp.FileHandle;
+            let off = 0;
+            while (off < data.length) off += (await h.write(data, off, data.length - off)).bytesWritten;
+          })
+          .catch(wrap)
+          .finally(() => {
+            this.queued -= data.length;
+          });
         chain.catch(noop);
-        if (queued > MAX_QUEUED) await chain;
+        if (this.queued > MAX_QUEUED) await chain;
       },
       end: async (): Promise<void> => {
         const done = chain
@@ -952,12 +991,57 @@ class Applier implements EntryHandler {
         await fsp.chmod(this.abs(rel), 0o755);
         next = { kind: 'dir', children: new Map(), mode: 0o755, gid: this.egid };
         children.set(name, next);
+        await this.copyFromParents(rel, next);
       } else if (next.kind !== 'dir') {
-        throw new EntryProblem(true, `parent ${JSON.stringify(rel)} is not a directory`);
+        throw new EntryProblem(true, `parent ${JSON.stringify(rel)} is not a directory`, true);
       }
       dir = next;
     }
     return { dir, rel };
+  }
+
+  /**
+   * containerd's mkparent with parents: the first parent layer that has `rel` gives its
+   * directory's metadata; one where a component of `rel` is not a directory (a file, a symlink,
+   * a whiteout) hides the layers below it, and the defaults stay.
+   */
+  private async copyFromParents(rel: string, node: Node): Promise<void> {
+    const found = await this.findInParents(rel);
+    if (found === undefined) return;
+    const { st, where } = found;
+    const abs = this.abs(rel);
+    await fsp.lchown(abs, st.uid, st.gid);
+    await fsp.chmod(abs, st.mode & 0o7777);
+    node.mode = st.mode & 0o7777;
+    node.gid = st.gid;
+    node.dirTime = utimeValue(st.mtimeNs / 1_000_000_000n, Number(st.mtimeNs % 1_000_000_000n));
+    for (const [name, value] of await readXattrs(where, this.signal)) {
+      if (name.startsWith('trusted.overlay.')) continue;
+      (node.xattrs ??= new Map()).set(name, value);
+    }
+  }
+
+  private async findInParents(rel: string): Promise<{ st: DirInfo; where: string } | undefined> {
+    const parts = rel === '' ? [] : rel.split('/');
+    for (const p of this.parents) {
+      let where = p;
+      let st: import('node:fs').BigIntStats | undefined;
+      try {
+        st = await fsp.lstat(where, { bigint: true });
+        for (const part of parts) {
+          if (!st.isDirectory()) break;
+          where = `${where}/${part}`;
+          st = await fsp.lstat(where, { bigint: true });
+        }
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        if (code === 'ENOENT') continue; // not in this layer: look further down
+        throw e;
+      }
+      if (!st.isDirectory()) return undefined; // replaced or whited out here
+      return { st: { uid: Number(st.uid), gid: Number(st.gid), mode: Number(st.mode), mtimeNs: st.mtimeNs }, where };
+    }
+    return undefined;
   }
 
   /** RootPath over the model: the resolved component names of `parts` (existing ones are dirs or missing). */
@@ -974,7 +1058,7 @@ class Applier implements EntryHandler {
       }
       const top = stack.length === 0 ? this.root : stack[stack.length - 1]?.node;
       if (top !== undefined && top.kind !== 'dir') {
-        throw new EntryProblem(true, `parent ${JSON.stringify(stack.map((x) => x.name).join('/'))} is not a directory`);
+        throw new EntryProblem(true, `parent ${JSON.stringify(stack.map((x) => x.name).join('/'))} is not a directory`, true);
       }
       const node = top?.children?.get(part);
       if (node?.kind === 'symlink') {
@@ -1027,6 +1111,8 @@ class Applier implements EntryHandler {
   /** After the last entry: background jobs, specials, xattrs, directory times. */
   async finish(): Promise<void> {
     await this.barrier();
+    // No root entry: the root takes the parents' root, as any implicit directory.
+    if (this.root.dirTime === undefined && this.parents.length > 0) await this.copyFromParents('', this.root);
     await this.flushSpecials();
     await this.applyXattrs();
     // Directory mtimes last: creating entries in a directory changes its mtime.
@@ -1125,9 +1211,42 @@ function entryTime(e: FileMetadata): { seconds: bigint; nanos: number } {
  */
 function times(e: FileMetadata): [number, number] {
   const t = entryTime(e);
-  const us = Math.floor(t.nanos / 1000);
-  const v = us === 0 ? Number(t.seconds) : Number(t.seconds) + (us + 0.5) / 1e6;
+  const v = utimeValue(t.seconds, t.nanos);
   return [v, v];
+}
+
+function utimeValue(seconds: bigint, nanos: number): number {
+  const us = Math.floor(nanos / 1000);
+  return us === 0 ? Number(seconds) : Number(seconds) + (us + 0.5) / 1e6;
+}
+
+/** Every xattr of `p` (not following a symlink), by `getfattr -h -d -m - -e hex`. */
+async function readXattrs(p: string, signal: AbortSignal | undefined): Promise<Map<string, Buffer>> {
+  const r = await runTool('getfattr', ['-h', '-d', '-m', '-', '-e', 'hex', '--absolute-names', '--', p], { signal, stdout: true });
+  if (r.code !== 0) throw new Error(`getfattr ${p} failed: ${r.stderr.trim()}`);
+  const out = new Map<string, Buffer>();
+  for (const line of r.stdout.split('\n')) {
+    if (line === '' || line.startsWith('#')) continue;
+    const eq = line.indexOf('=');
+    const name = unquote(eq < 0 ? line : line.slice(0, eq));
+    const value = eq < 0 ? '' : line.slice(eq + 1);
+    out.set(name, value.startsWith('0x') ? Buffer.from(value.slice(2), 'hex') : Buffer.alloc(0));
+  }
+  return out;
+}
+
+/** The inverse of `quote`. */
+function unquote(s: string): string {
+  const bytes: number[] = [];
+  for (let i = 0; i < s.length; i++) {
+    if (s[i] === '\\' && /^[0-7]{3}$/.test(s.slice(i + 1, i + 4))) {
+      bytes.push(parseInt(s.slice(i + 1, i + 4), 8));
+      i += 3;
+    } else {
+      for (const b of Buffer.from(s[i] as string, 'utf8')) bytes.push(b);
+    }
+  }
+  return Buffer.from(bytes).toString('utf8');
 }
 
 /** setfattr/getfattr quoting: bytes that are not printable ASCII, '\\' and '=' as \ooo. */
@@ -1211,17 +1330,20 @@ function ustarHeader(f: UstarFields): Buffer {
 
 interface ToolResult {
   code: number | null;
+  stdout: string;
   stderr: string;
 }
 
-function runTool(cmd: string, args: readonly string[], opts: { input?: Buffer; cwd?: string; signal?: AbortSignal }): Promise<ToolResult> {
+function runTool(cmd: string, args: readonly string[], opts: { input?: Buffer; cwd?: string; signal?: AbortSignal; stdout?: boolean }): Promise<ToolResult> {
   return new Promise<ToolResult>((resolve, reject) => {
     const child = spawn(cmd, args, {
       cwd: opts.cwd,
       env: { ...process.env, LC_ALL: 'C' },
-      stdio: [opts.input === undefined ? 'ignore' : 'pipe', 'ignore', 'pipe'],
+      stdio: [opts.input === undefined ? 'ignore' : 'pipe', opts.stdout === true ? 'pipe' : 'ignore', 'pipe'],
       signal: opts.signal,
     });
+    const out: Buffer[] = [];
+    child.stdout?.on('data', (b: Buffer) => out.push(b));
     const err: Buffer[] = [];
     let errBytes = 0;
     child.stderr?.on('data', (b: Buffer) => {
@@ -1232,7 +1354,7 @@ function runTool(cmd: string, args: readonly string[], opts: { input?: Buffer; c
       if (e.name === 'AbortError') reject(e);
       else reject(new Error(`cannot run ${cmd}: ${e.code === 'ENOENT' ? 'not installed' : e.message}`, { cause: e }));
     });
-    child.on('close', (code) => resolve({ code, stderr: Buffer.concat(err).toString('utf8') }));
+    child.on('close', (code) => resolve({ code, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') }));
     if (opts.input !== undefined && child.stdin !== null) {
       child.stdin.on('error', () => undefined); // EPIPE when the tool exits early: its status tells
       child.stdin.end(opts.input);
