@@ -9,6 +9,7 @@
  * <root>/mounts/<id>/state.json    the mount's state (written atomically; see MountState)
  * <root>/mounts/<id>/layers/<n>    FUSE mountpoints of the lazily mounted layers (n = layer index, 0 = bottom)
  * <root>/mounts/<id>/unpacked/<n>  layers unpacked for this mount (removed at unmount)
+ * <root>/mounts/<id>/downloads/<n> layer blobs being downloaded for unpacking (removed once unpacked)
  * <root>/layers/<hex>              unpacked layers shared with others (used read-only when present)
  * <root>/cache/spans               compressed spans on disk, shared by every lazily mounted layer
  * ```
@@ -22,8 +23,11 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import { createReadStream, createWriteStream } from 'node:fs';
 import { mkdir, open, readdir, readFile, realpath, rename, rm, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
   formatPlatform,
@@ -35,7 +39,7 @@ import {
   type Repository,
 } from '../fetcher/index.js';
 import { DEFAULT_SPAN_SIZE } from '../ztoc/index.js';
-import { CompressedSpanStore, FuseError, InflatedSpanCache, LayerFs, checkFuse, unpackLayer } from '../fs/index.js';
+import { CompressedSpanStore, FuseError, InflatedSpanCache, LayerFs, checkFuse, unpackLayer, type UnpackResult } from '../fs/index.js';
 import type { ArtifactStore } from './store.js';
 import { createIndexes, resolveImages, WorkflowError, DEFAULT_MIN_LAYER_SIZE } from './workflow.js';
 import { DiscoverError, discoverIndex, type DiscoveredIndex, type IndexSource } from './discover.js';
@@ -138,7 +142,7 @@ export interface MountOptions {
   memoryCacheBytes?: number;
   /** Bound of the on-disk span cache (default 10 GiB). */
   diskCacheBytes?: number;
-  /** Layers downloaded and unpacked at once (default 3). */
+  /** Layers downloaded at once for unpacking (default 3; they are applied bottom-up, one at a time). */
   unpackConcurrency?: number;
 }
 
@@ -547,9 +551,9 @@ export async function mountImage(opts: MountOptions): Promise<ImageMount> {
     if (lazy.length > 0) diskStore = await CompressedSpanStore.open({ dir: join(root, 'cache', 'spans'), maxBytes: opts.diskCacheBytes, logger });
     const memory = new InflatedSpanCache({ maxBytes: opts.memoryCacheBytes });
     const failFast = (): void => abort.abort();
-    const mounts = lazy.map(async (p) => {
-      if (abort.signal.aborted) return;
+    const mountLazy = async (p: LayerPlan): Promise<void> => {
       const ztoc = await index!.loadZtoc(p.desc.digest);
+      if (abort.signal.aborted) return;
       const desc = p.desc;
       const fs = await LayerFs.mount({
         mountpoint: p.path,
@@ -562,24 +566,51 @@ export async function mountImage(opts: MountOptions): Promise<ImageMount> {
         fetchTimeoutMs: opts.fetchTimeoutMs,
       });
       layerFs.push(fs);
-    });
-    for (const m of mounts) m.catch(failFast);
-    const unpacks = plan.filter((p) => p.mode === 'unpacked' && !p.shared);
-    const unpacking = mapLimit(unpacks, opts.unpackConcurrency ?? 3, async (p) => {
+    };
+    // Unpacked layers download in parallel (a few at a time) but are applied bottom-up, each once
+    // the layers below it are in place: a directory a layer only implies takes the metadata of
+    // the same directory below (containerd's WithParents), so stacking does not hide it.
+    const downloads = new Semaphore(opts.unpackConcurrency ?? 3);
+    const unpack = async (p: LayerPlan, below: ReadonlyArray<Promise<void>>): Promise<void> => {
+      const file = join(base, 'downloads', String(p.n));
+      const subject = `${repo.ref.name}@${p.desc.digest}`;
+      await downloads.run(async () => {
+        if (abort.signal.aborted) return;
+        await mkdir(join(base, 'downloads'), { recursive: true });
+        try {
+          await pipeline(Readable.from(repo.blobStream(p.desc, { signal: abort.signal })), createWriteStream(file), { signal: abort.signal });
+        } catch (err) {
+          if (err instanceof Error && 'subject' in err) throw err; // the fetcher's errors name the blob
+          throw new MountError('mount-failed', subject, `cannot download the layer: ${message(err)}`, { cause: err });
+        }
+      });
+      await Promise.all(below);
       if (abort.signal.aborted) return;
-      let result: { diffID: string };
+      let result: UnpackResult;
       try {
-        result = await unpackLayer({ source: repo.blobStream(p.desc, { signal: abort.signal }), mediaType: p.desc.mediaType, digest: p.desc.digest, dest: p.path, logger, signal: abort.signal });
+        const parents = plan.slice(0, p.n).reverse().map((l) => l.path);
+        result = await unpackLayer({ source: createReadStream(file), mediaType: p.desc.mediaType, digest: p.desc.digest, dest: p.path, parents, logger, signal: abort.signal });
       } catch (err) {
-        throw new MountError('mount-failed', `${repo.ref.name}@${p.desc.digest}`, `cannot unpack the layer: ${message(err)}`, { cause: err });
+        throw new MountError('mount-failed', subject, `cannot unpack the layer: ${message(err)}`, { cause: err });
+      } finally {
+        await rm(file, { force: true });
       }
       if (p.diffId !== undefined && result.diffID !== p.diffId) {
-        throw new MountError('bad-layer', `${repo.ref.name}@${p.desc.digest}`, `unpacked content has diff_id ${result.diffID}, the image config says ${p.diffId}`);
+        throw new MountError('bad-layer', subject, `unpacked content has diff_id ${result.diffID}, the image config says ${p.diffId}`);
       }
-    }, failFast);
-    const settled = await Promise.allSettled([...mounts, unpacking]);
+    };
+    const ready: Array<Promise<void>> = [];
+    for (const p of plan) {
+      const below = ready.slice(0, p.n);
+      const job = p.mode === 'lazy' ? mountLazy(p) : p.shared ? Promise.resolve() : unpack(p, below);
+      job.catch(failFast);
+      ready.push(job);
+    }
+    const settled = await Promise.allSettled(ready);
     const failed = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
     if (failed !== undefined) throw failed.reason;
+    if (abort.signal.aborted) throw new MountError('mount-failed', opts.dir, 'aborted');
+    await rm(join(base, 'downloads'), { recursive: true, force: true });
 
     // Leftmost lowerdir is the topmost layer.
     const lowers = [...plan].reverse().map((p) => p.path);
@@ -646,25 +677,22 @@ async function configDiffIds(repo: Repository, config: Descriptor, layers: numbe
   return [];
 }
 
-/** Runs fn over items, `limit` at a time; settles only when every started call has settled, then rejects with the first error. */
-async function mapLimit<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>, onError: () => void): Promise<void> {
-  let next = 0;
-  let first: { err: unknown } | undefined;
-  const workers = Array.from({ length: Math.min(limit, items.length) }, async () => {
-    while (next < items.length && first === undefined) {
-      const item = items[next++]!;
-      try {
-        await fn(item);
-      } catch (err) {
-        if (first === undefined) {
-          first = { err };
-          onError();
-        }
-      }
+/** At most `limit` calls of `run` at a time. */
+class Semaphore {
+  private active = 0;
+  private readonly waiting: Array<() => void> = [];
+  constructor(private readonly limit: number) {}
+
+  async run<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.active >= this.limit) await new Promise<void>((r) => this.waiting.push(r));
+    this.active++;
+    try {
+      return await fn();
+    } finally {
+      this.active--;
+      this.waiting.shift()?.();
     }
-  });
-  await Promise.all(workers);
-  if (first !== undefined) throw first.err;
+  }
 }
 
 // ------------------------------------------------------------------ unmount by directory
