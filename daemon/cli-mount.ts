@@ -181,7 +181,7 @@ async function mountBackground(dirText: string, opts: MountFlags): Promise<void>
       return;
     }
     const code = await exited;
-    if (msg?.message !== undefined) throw new ExitCodeError(msg.message, code === 0 ? 1 : code);
+    if (msg?.message !== undefined) throw new ExitCodeError(code === 2 ? `internal error: ${msg.message} (the stack is in ${logPath})` : msg.message, code === 0 ? 1 : code);
     const tail = (await readFile(logPath, 'utf8').catch(() => '')).trim().split('\n').slice(-5).join('\n');
     throw new ExitCodeError(`the mount process exited (code ${code}) without mounting; last lines of ${logPath}:\n${tail}`, 2);
   } finally {
