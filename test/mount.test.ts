@@ -23,7 +23,7 @@ import { createHash } from 'node:crypto';
 import { lstat, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
-import { startRegistry, registryRequest } from './helpers/registry.js';
+import { startRegistry, registryRequest, httpRequest } from './helpers/registry.js';
 import { startFaultProxy } from './helpers/fault-proxy.js';
 import { buildImage, pushImage, MOUNT_IMAGE_SPEC } from './helpers/images.js';
 import { run, testCacheDir } from './helpers/layers.js';
@@ -400,4 +400,43 @@ t.test('a crashed serving process: the next mount and umount clean up', async (t
   t.same(await mountsUnder(crashDir, mountRoot), [], 'nothing left mounted');
   t.same((await readdir(path.join(mountRoot, 'mounts'))).filter((n) => !n.endsWith('.log')), [], 'no state left');
   t.ok((await lstat(path.join(shared, 'bin/busybox'))).isFile(), 'the shared unpack is still there');
+});
+
+t.test('background fetch: after the quiet period every span is local; the mount then works without the registry', async (t) => {
+  const root = path.join(work, 'bg-root');
+  const bgDir = path.join(work, 'mnt-bg');
+  await mkdir(bgDir);
+  const r = await cli(['mount', `${proxy.host}/mount/img:${image.tag}`, bgDir, '--log-level', 'info', ...common(root)]);
+  t.equal(r.code, 0, r.stderr);
+  const state = await stateOf(root);
+  const log = path.join(root, 'mounts', `${state.id}.log`);
+  let done = false;
+  for (let i = 0; i < 1200 && !done; i++) {
+    done = (await readFile(log, 'utf8')).includes('"msg":"background fetch of a layer done"');
+    if (!done) await new Promise((res) => setTimeout(res, 100));
+  }
+  t.ok(done, 'the serving process reports the lazy layer fetched');
+  // Oracle for "local": the span digests of the zTOC, as files of the disk cache.
+  const index = readZtoc((await registryRequest(reg, `/v2/mount/img/blobs/${big[0]!.ztoc}`)).body);
+  const cached = new Set<string>();
+  const cacheDir = path.join(root, 'cache', 'spans');
+  for (const sub of await readdir(cacheDir)) {
+    const st = await lstat(path.join(cacheDir, sub));
+    if (st.isDirectory()) for (const f of await readdir(path.join(cacheDir, sub))) cached.add(f);
+    else cached.add(sub);
+  }
+  const missing = index.ztoc.compressionInfo.spanDigests.filter((d) => !cached.has(d.slice('sha256:'.length)));
+  t.same(missing, [], `all ${index.spans.length} spans are in the disk cache`);
+  // The registry "goes down" for blobs: every file still reads right.
+  proxy.setOptions({ rate: 1, faults: ['status500'] });
+  try {
+    const probe = await httpRequest(`${proxy.url}/v2/mount/img/blobs/${bigLayer.digest}`, { headers: { range: 'bytes=0-99' } });
+    t.equal(probe.status, 500, 'the proxy now fails blob reads');
+    await compareWithOracle(t, bgDir, 'registry down after background fetch', new Set([image.layers.indexOf(bigLayer)]));
+  } finally {
+    proxy.setOptions({ rate: 0, faults: ['stall'] });
+  }
+  const u = await cli(['umount', bgDir, '--root', root]);
+  t.equal(u.code, 0, u.stderr);
+  t.same(await mountsUnder(bgDir, root), [], 'nothing left mounted');
 });
