@@ -53,6 +53,11 @@ export interface HttpRequest {
   connectTimeoutMs?: number;
   /** Where this registry's TLS is configured (a hosts.toml path), for the message of a TLS failure. */
   tlsConfigFile?: string;
+  /**
+   * Bytes the response body buffers before the socket is paused (undici's default: 64 KiB). More
+   * keeps a fast sender going while the consumer is busy with a chunk (hashing, inflating).
+   */
+  highWaterMark?: number;
   signal?: AbortSignal;
 }
 
@@ -289,6 +294,7 @@ export class Transport {
         body: req.body as Dispatcher.DispatchOptions['body'],
         dispatcher,
         signal: req.signal,
+        ...(req.highWaterMark === undefined ? {} : { highWaterMark: req.highWaterMark }),
       });
       // Body errors surface when read; map them there (readBody), not as unhandled events. An
       // unread body that breaks, or one we destroy() unread (undici then emits a
