@@ -8,7 +8,10 @@
  *   root `server` (default: the registry itself, `registry-1.docker.io` for `docker.io`);
  * - with no (or an empty) `hosts.toml`, Docker's layout is read instead: `*.crt` are CA files,
  *   `*.cert` client certificates with the matching `*.key`;
- * - with no directory at all, the registry itself is the only endpoint.
+ * - with no directory at all, the registry itself is the only endpoint;
+ * - an `http` endpoint with TLS configured (a CA, a client certificate or `skip_verify`, which the
+ *   defaults set for loopback hosts) on a port other than 80 is HTTPS first, plain HTTP when the
+ *   server does not speak TLS (containerd's `docker.NewHTTPFallback`): see {@link prefersHttps}.
  */
 
 import { readdir, readFile, stat } from 'node:fs/promises';
@@ -61,7 +64,8 @@ export interface HostsConfig {
 export interface HostsOptions {
   /**
    * Scheme of the default endpoint (containerd's `DefaultScheme`, ctr's `--plain-http`). Unset:
-   * https, except plain HTTP for loopback hosts with a port (see `isPlainHttpByDefault`).
+   * https, except plain HTTP for loopback hosts with a port (see `isPlainHttpByDefault`), with
+   * verification skipped, which makes the client try HTTPS first (see `prefersHttps`).
    */
   defaultScheme?: 'http' | 'https';
 }
@@ -352,6 +356,27 @@ function finish(parsed: ParsedHost): HostConfig {
   };
   if (parsed.dialTimeoutMs !== undefined) out.dialTimeoutMs = parsed.dialTimeoutMs;
   return out;
+}
+
+/**
+ * Whether `endpoint` is to be tried over HTTPS before plain HTTP: containerd's rule for an
+ * `http` endpoint that has TLS configured (CA files, client certificates or `skip_verify`, which
+ * the defaults set for loopback hosts) on an explicit port other than 80, where the protocol is
+ * ambiguous. containerd then sends HTTPS and falls back to HTTP (remembering it per host) when the
+ * server answers the TLS handshake with plain HTTP or not at all; the registry client decides once
+ * per endpoint in the same way. (containerd also counts a `skip_verify = false` written out; here
+ * only a true one counts.)
+ */
+export function prefersHttps(endpoint: HostConfig): boolean {
+  if (endpoint.scheme !== 'http') return false;
+  const { port } = splitHostPort(endpoint.host);
+  if (port === undefined || port === '' || port === '80') return false;
+  return endpoint.skipVerify || endpoint.caPaths.length > 0 || endpoint.clientCertPairs.length > 0;
+}
+
+/** `endpoint` with another scheme (and URL). */
+export function withScheme(endpoint: HostConfig, scheme: 'http' | 'https'): HostConfig {
+  return { ...endpoint, scheme, url: `${scheme}://${endpoint.host}${endpoint.path}` };
 }
 
 /** The endpoint list for a registry host with no configuration at all. */

@@ -5,7 +5,9 @@
  * jitter, `Retry-After` honoured) that the registry operations run their attempts in.
  */
 import { readFile } from 'node:fs/promises';
-import { rootCertificates } from 'node:tls';
+import { connect as netConnect, isIP } from 'node:net';
+import { Duplex } from 'node:stream';
+import { connect as tlsConnect, rootCertificates } from 'node:tls';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Agent, request, type Dispatcher } from 'undici';
 import { FetcherError, NetworkError, ProtocolError, RegistryError, TimeoutError, TooLargeError, ConfigError } from './errors.js';
@@ -49,6 +51,13 @@ export interface HttpRequest {
   tls?: TlsSettings;
   /** Connect timeout for this endpoint (hosts.toml `dial_timeout`), else the transport's. */
   connectTimeoutMs?: number;
+  /** Where this registry's TLS is configured (a hosts.toml path), for the message of a TLS failure. */
+  tlsConfigFile?: string;
+  /**
+   * Bytes the response body buffers before the socket is paused (undici's default: 64 KiB). More
+   * keeps a fast sender going while the consumer is busy with a chunk (hashing, inflating).
+   */
+  highWaterMark?: number;
   signal?: AbortSignal;
 }
 
@@ -120,6 +129,44 @@ const NETWORK_CODES = new Set([
   'HPE_INVALID_CONTENT_LENGTH',
 ]);
 
+/**
+ * OpenSSL's certificate verification results as Node reports them (`err.code`), plus Node's own
+ * host name check: the server speaks TLS, but its certificate is not trusted here.
+ */
+const CERT_VERIFY_CODES = new Set([
+  'UNABLE_TO_GET_ISSUER_CERT',
+  'UNABLE_TO_GET_CRL',
+  'UNABLE_TO_DECRYPT_CERT_SIGNATURE',
+  'UNABLE_TO_DECRYPT_CRL_SIGNATURE',
+  'UNABLE_TO_DECODE_ISSUER_PUBLIC_KEY',
+  'CERT_SIGNATURE_FAILURE',
+  'CRL_SIGNATURE_FAILURE',
+  'CERT_NOT_YET_VALID',
+  'CERT_HAS_EXPIRED',
+  'CRL_NOT_YET_VALID',
+  'CRL_HAS_EXPIRED',
+  'ERROR_IN_CERT_NOT_BEFORE_FIELD',
+  'ERROR_IN_CERT_NOT_AFTER_FIELD',
+  'ERROR_IN_CRL_LAST_UPDATE_FIELD',
+  'ERROR_IN_CRL_NEXT_UPDATE_FIELD',
+  'DEPTH_ZERO_SELF_SIGNED_CERT',
+  'SELF_SIGNED_CERT_IN_CHAIN',
+  'UNABLE_TO_GET_ISSUER_CERT_LOCALLY',
+  'UNABLE_TO_VERIFY_LEAF_SIGNATURE',
+  'CERT_CHAIN_TOO_LONG',
+  'CERT_REVOKED',
+  'INVALID_CA',
+  'PATH_LENGTH_EXCEEDED',
+  'INVALID_PURPOSE',
+  'CERT_UNTRUSTED',
+  'CERT_REJECTED',
+  'HOSTNAME_MISMATCH',
+  'ERR_TLS_CERT_ALTNAME_INVALID',
+]);
+
+/** Where a registry's TLS is configured, when the caller did not say. */
+const DEFAULT_TLS_CONFIG_FILE = '<hosts dir>/<host>/hosts.toml';
+
 function errCode(err: unknown): string | undefined {
   const code = (err as { code?: unknown } | null)?.code;
   return typeof code === 'string' ? code : undefined;
@@ -127,9 +174,10 @@ function errCode(err: unknown): string | undefined {
 
 /**
  * Turns an undici/socket error into a typed one naming `subject`; connection and timeout
- * failures are marked transient. Typed errors pass through.
+ * failures are marked transient. TLS failures are not (retrying cannot help): their message says
+ * what to configure in `tlsConfigFile` (the registry's hosts.toml). Typed errors pass through.
  */
-export function mapNetworkError(err: unknown, subject: string, timeouts: Timeouts): Error {
+export function mapNetworkError(err: unknown, subject: string, timeouts: Timeouts, tlsConfigFile = DEFAULT_TLS_CONFIG_FILE): Error {
   if (err instanceof FetcherError) return err;
   const code = errCode(err);
   switch (code) {
@@ -150,10 +198,20 @@ export function mapNetworkError(err: unknown, subject: string, timeouts: Timeout
   if (code !== undefined && NETWORK_CODES.has(code)) {
     return markTransient(new NetworkError(subject, `connection failed (${code})`, { cause: err }));
   }
+  if (code !== undefined && CERT_VERIFY_CODES.has(code)) {
+    const detail = err instanceof Error ? `: ${err.message.replace(/[^\x20-\x7e]/g, ' ').slice(0, 200)}` : '';
+    return new NetworkError(
+      subject,
+      `TLS certificate verification failed (${code}${detail}); to trust the registry's CA, name its file with ca = "<file>" in ${tlsConfigFile} ` +
+        `(or put it next to it as a *.crt file), or set skip_verify = true there`,
+      { cause: err },
+    );
+  }
   if (code !== undefined && (code.startsWith('ERR_TLS') || code.includes('CERT') || code.startsWith('ERR_SSL') || code === 'EPROTO')) {
     return new NetworkError(
       subject,
-      `TLS failed (${code}); for a registry with its own CA add it in certs.d/<host>/hosts.toml, for a plain-HTTP one use --plain-http`,
+      `TLS failed (${code}); for a registry with its own CA set ca = "<file>" in ${tlsConfigFile}, for a plain-HTTP one use --plain-http ` +
+        `(or server = "http://..." there)`,
       { cause: err },
     );
   }
@@ -236,6 +294,7 @@ export class Transport {
         body: req.body as Dispatcher.DispatchOptions['body'],
         dispatcher,
         signal: req.signal,
+        ...(req.highWaterMark === undefined ? {} : { highWaterMark: req.highWaterMark }),
       });
       // Body errors surface when read; map them there (readBody), not as unhandled events. An
       // unread body that breaks, or one we destroy() unread (undici then emits a
@@ -243,8 +302,63 @@ export class Transport {
       res.body.on('error', () => undefined);
       return { status: res.statusCode, headers: res.headers, body: res.body };
     } catch (err) {
-      throw mapNetworkError(err, subject, this.timeouts);
+      throw mapNetworkError(err, subject, this.timeouts, req.tlsConfigFile);
     }
+  }
+
+  /**
+   * Whether the server at `url`'s host and port speaks TLS: connects, sends a TLS ClientHello and
+   * looks at the first byte of the answer. A TLS record (handshake or alert) means TLS; anything
+   * else (an HTTP 400), the connection closed or reset unanswered, or no answer within the timeout
+   * means plain HTTP (containerd falls back to HTTP on an `HTTP/` answer and on a handshake
+   * timeout). Nothing is verified here and no request is sent. A failed TCP connect is the same
+   * typed (transient) error a request gets.
+   */
+  probeTls(url: URL, subject: string, connectTimeoutMs = this.timeouts.connectMs): Promise<'https' | 'http'> {
+    const hostname = url.hostname.startsWith('[') ? url.hostname.slice(1, -1) : url.hostname;
+    const port = url.port === '' ? 443 : Number(url.port);
+    const timeouts = { ...this.timeouts, connectMs: connectTimeoutMs };
+    return new Promise((resolve, reject) => {
+      let settled = false;
+      const raw = netConnect({ host: hostname, port });
+      let hello: ReturnType<typeof tlsConnect> | undefined;
+      const settle = (outcome: 'https' | 'http' | Error): void => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        raw.destroy();
+        hello?.destroy();
+        if (outcome instanceof Error) reject(outcome);
+        else resolve(outcome);
+      };
+      let timer = setTimeout(() => {
+        const err = Object.assign(new Error(`connect timeout after ${connectTimeoutMs} ms`), { code: 'UND_ERR_CONNECT_TIMEOUT' });
+        settle(mapNetworkError(err, subject, timeouts));
+      }, connectTimeoutMs);
+      let connected = false;
+      // Before the connection: refused, unreachable. After it: reset by a server that took our
+      // ClientHello for a broken request.
+      raw.on('error', (err) => settle(connected ? 'http' : mapNetworkError(err, subject, timeouts)));
+      raw.once('connect', () => {
+        connected = true;
+        clearTimeout(timer);
+        timer = setTimeout(() => settle('http'), connectTimeoutMs);
+        // 22 = handshake record (ServerHello), 21 = alert: a TLS server, whatever it thinks of us.
+        raw.once('data', (first: Buffer) => settle(first[0] === 22 || first[0] === 21 ? 'https' : 'http'));
+        raw.once('end', () => settle('http'));
+        raw.once('close', () => settle('http'));
+        // TLS writes its ClientHello through this; the answer is read above, not handed back.
+        const relay = new Duplex({
+          read() {},
+          write(chunk: Buffer, _enc, cb) {
+            if (raw.destroyed) cb();
+            else raw.write(chunk, () => cb());
+          },
+        });
+        hello = tlsConnect({ socket: relay, rejectUnauthorized: false, ...(isIP(hostname) === 0 ? { servername: hostname } : {}) });
+        hello.on('error', () => undefined);
+      });
+    });
   }
 
   async close(): Promise<void> {

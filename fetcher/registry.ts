@@ -5,10 +5,11 @@
  * `sha256-<hex>` fallback tag). Everything fetched is checked against its digest before use.
  */
 import { createHash } from 'node:crypto';
+import { join } from 'node:path';
 import { AuthError, FetcherError, IntegrityError, NetworkError, NotFoundError, ProtocolError, RegistryError, TimeoutError } from './errors.js';
 import { Authorizer, repositoryScope, parseTokenResponse, basicAuthorization, type Challenge, type TokenResponse } from './auth.js';
 import { resolveCredentials, type Credentials, type CredentialsOptions } from './credentials.js';
-import { loadHosts, type HostCapability, type HostConfig } from './hosts.js';
+import { prefersHttps, readHostsConfig, withScheme, type HostCapability, type HostConfig, type HostsConfig } from './hosts.js';
 import {
   DEFAULT_RETRY,
   Transport,
@@ -53,6 +54,13 @@ const MAX_REDIRECTS = 5;
 /** A storage URL a registry redirected a blob to is reused for range reads this long at most. */
 const REDIRECT_TTL_MS = 5 * 60_000;
 const TOKEN_ANSWER_MAX = 1 << 20;
+/**
+ * Body buffering of a whole-blob download before the socket is paused. undici's 64 KiB default
+ * pauses a fast (loopback, LAN) sender each time the consumer hashes or inflates a chunk; in
+ * interleaved runs against the loopback registry 256 KiB to 16 MiB were alike and 5-10 % faster
+ * than 64 KiB (on a noisy shared machine).
+ */
+const BLOB_STREAM_HIGH_WATER_MARK = 1 << 20;
 
 export interface FetchedManifest {
   descriptor: Descriptor;
@@ -101,7 +109,11 @@ export class RegistryClient {
   private readonly hostsDir: string;
   private readonly plainHttp: boolean;
   private readonly credentialsOptions: CredentialsOptions;
-  private readonly endpointsByHost = new Map<string, Promise<HostConfig[]>>();
+  private readonly configsByHost = new Map<string, Promise<HostsConfig>>();
+  /** The hosts.toml each registry host is (or would be) configured in, for TLS error messages. */
+  private readonly tlsConfigFiles = new Map<string, string>();
+  /** Endpoints tried over HTTPS first (see `prefersHttps`): the scheme found for each, once. */
+  private readonly decidedSchemes = new WeakMap<HostConfig, Promise<HostConfig>>();
   private readonly credentialsByHost = new Map<string, Promise<Credentials | undefined>>();
   private readonly authorizers = new Map<string, Authorizer>();
   private readonly warnedNoRange = new Set<string>();
@@ -124,14 +136,49 @@ export class RegistryClient {
 
   /** @internal Endpoints for a registry host, mirrors first. */
   endpoints(host: string): Promise<HostConfig[]> {
-    let p = this.endpointsByHost.get(host);
+    let p = this.configsByHost.get(host);
     if (p === undefined) {
-      p = loadHosts(this.hostsDir === '' ? undefined : this.hostsDir, host, {
-        defaultScheme: this.plainHttp ? 'http' : undefined,
-        onWarning: (message) => this.logger.warn('hosts configuration', { host, warning: message }),
+      p = readHostsConfig(this.hostsDir === '' ? undefined : this.hostsDir, host, { defaultScheme: this.plainHttp ? 'http' : undefined });
+      this.configsByHost.set(host, p);
+      p.then(
+        (config) => {
+          for (const warning of config.warnings) this.logger.warn('hosts configuration', { host, warning });
+          const file =
+            config.dir !== undefined
+              ? join(config.dir, 'hosts.toml')
+              : this.hostsDir === ''
+                ? `<a directory given with --hosts-dir>/${host}/hosts.toml`
+                : join(this.hostsDir, host, 'hosts.toml');
+          this.tlsConfigFiles.set(host, file);
+        },
+        () => this.configsByHost.delete(host),
+      );
+    }
+    return p.then((config) => config.endpoints);
+  }
+
+  /** @internal Where the TLS of registry `host` is configured (its hosts.toml), for error messages. */
+  tlsConfigFile(host: string): string | undefined {
+    return this.tlsConfigFiles.get(host);
+  }
+
+  /**
+   * @internal The endpoint to send to: itself, or for an endpoint to try over HTTPS first, the
+   * HTTPS or the HTTP one, as a TLS probe of its server found (once per endpoint; a failed probe
+   * is not remembered).
+   */
+  effectiveEndpoint(endpoint: HostConfig, subject: string): Promise<HostConfig> {
+    if (!prefersHttps(endpoint)) return Promise.resolve(endpoint);
+    let p = this.decidedSchemes.get(endpoint);
+    if (p === undefined) {
+      p = this.transport.probeTls(new URL(withScheme(endpoint, 'https').url), subject, endpoint.dialTimeoutMs).then((scheme) => {
+        this.logger.info(scheme === 'https' ? 'endpoint speaks TLS: using https' : 'endpoint does not speak TLS: using plain http', { endpoint: endpoint.url });
+        const decided = scheme === 'https' ? withScheme(endpoint, 'https') : endpoint;
+        this.decidedSchemes.set(decided, Promise.resolve(decided));
+        return decided;
       });
-      this.endpointsByHost.set(host, p);
-      p.catch(() => this.endpointsByHost.delete(host));
+      this.decidedSchemes.set(endpoint, p);
+      p.catch(() => this.decidedSchemes.delete(endpoint));
     }
     return p;
   }
@@ -252,6 +299,8 @@ interface SendOptions {
   extraScopes?: readonly string[];
   /** Follow redirects (blob GETs). */
   follow?: boolean;
+  /** Response body buffering before the socket is paused (see HttpRequest.highWaterMark). */
+  highWaterMark?: number;
   /** An absolute URL (an upload location) instead of `path`; it must be on the endpoint's origin or be followed with auth. */
   url?: URL;
   endpoint?: HostConfig;
@@ -261,7 +310,7 @@ interface SendOptions {
 /** One repository on one registry. */
 export class Repository {
   /** Storage URLs blobs were redirected to: digest → URL and until when it is reused. */
-  private readonly redirects = new Map<string, { url: URL; until: number }>();
+  private readonly redirects = new Map<string, { url: URL; until: number; endpoint: HostConfig }>();
   private readonly batches = new Map<string, { desc: Descriptor; parts: RangePart[] }>();
   private flushScheduled = false;
 
@@ -291,9 +340,10 @@ export class Repository {
     if (endpoints.length === 0) throw new FetcherError(this.ref.host, `no endpoint in hosts.toml has the "${opts.capability}" capability`);
     let lastError: unknown;
     for (let i = 0; i < endpoints.length; i++) {
-      const endpoint = endpoints[i]!;
+      let endpoint = endpoints[i]!;
       const isLast = i === endpoints.length - 1;
       try {
+        endpoint = await this.client.effectiveEndpoint(endpoint, opts.subject);
         const sent = await this.sendTo(endpoint, opts);
         if (!isLast && (sent.res.status === 404 || sent.res.status >= 500)) {
           discardBody(sent.res);
@@ -326,6 +376,7 @@ export class Repository {
     let url = opts.url ?? this.baseUrl(endpoint, opts.path, opts.query);
     const origin = url.origin;
     const fixed = { ...flattenHeaders(endpoint.headers), ...opts.headers };
+    const tlsConfigFile = this.client.tlsConfigFile(this.ref.host);
     let authAttempts = 0;
     for (let hops = 0; ; ) {
       const sameOrigin = url.origin === origin;
@@ -333,7 +384,7 @@ export class Repository {
       const headers = { ...(sameOrigin ? fixed : (opts.headers ?? {})) };
       if (authorization !== undefined) headers.authorization = authorization;
       const res = await transport.send(
-        { method: opts.method, url, headers, body: opts.body, tls, connectTimeoutMs: endpoint.dialTimeoutMs },
+        { method: opts.method, url, headers, body: opts.body, tls, connectTimeoutMs: endpoint.dialTimeoutMs, tlsConfigFile, highWaterMark: opts.highWaterMark },
         opts.subject,
       );
       if ((res.status === 401 || res.status === 403) && sameOrigin) {
@@ -479,15 +530,14 @@ export class Repository {
    * GET of a blob (whole or a range), through the storage URL it was last redirected to while
    * that is fresh; an expired or refused storage URL is dropped and the registry asked again.
    */
-  private async getBlob(desc: Descriptor, subject: string, range: string | undefined): Promise<HttpResponse> {
+  private async getBlob(desc: Descriptor, subject: string, range: string | undefined, highWaterMark?: number): Promise<HttpResponse> {
     const headers: Record<string, string> = {};
     if (range !== undefined) headers.range = range;
     const cached = this.redirects.get(desc.digest);
     if (cached !== undefined && cached.until > Date.now()) {
       try {
-        const endpoints = await this.client.endpoints(this.ref.host);
         const res = await this.client.transport.send(
-          { method: 'GET', url: cached.url, headers, tls: endpoints[0]?.scheme === 'https' ? endpoints[0] : undefined },
+          { method: 'GET', url: cached.url, headers, tls: cached.endpoint.scheme === 'https' ? cached.endpoint : undefined, highWaterMark },
           subject,
         );
         if (res.status === 200 || res.status === 206) return res;
@@ -498,9 +548,9 @@ export class Repository {
       }
       this.redirects.delete(desc.digest);
     }
-    const { res, url, endpoint } = await this.send({ method: 'GET', path: `blobs/${desc.digest}`, headers, capability: 'pull', actions: ['pull'], follow: true, subject });
+    const { res, url, endpoint } = await this.send({ method: 'GET', path: `blobs/${desc.digest}`, headers, capability: 'pull', actions: ['pull'], follow: true, subject, highWaterMark });
     if ((res.status === 200 || res.status === 206) && url.origin !== new URL(endpoint.url).origin) {
-      this.redirects.set(desc.digest, { url, until: Date.now() + REDIRECT_TTL_MS });
+      this.redirects.set(desc.digest, { url, until: Date.now() + REDIRECT_TTL_MS, endpoint });
     }
     if (res.status === 404) {
       const err = await statusError(res, subject, 'blob not found', this.client.transport.timeouts);
@@ -521,7 +571,7 @@ export class Repository {
     for (let attempt = 0; ; attempt++) {
       let res: HttpResponse | undefined;
       try {
-        res = await this.getBlob(desc, subject, received > 0 ? `bytes=${received}-` : undefined);
+        res = await this.getBlob(desc, subject, received > 0 ? `bytes=${received}-` : undefined, BLOB_STREAM_HIGH_WATER_MARK);
         let skip = 0;
         if (res.status === 206 && received > 0) {
           const cr = parseContentRange(header(res, 'content-range'));

@@ -17,6 +17,21 @@
  * only we write to it). The final component is never followed (O_EXCL|O_NOFOLLOW, lchown,
  * lutimes, `setfattr -h`).
  *
+ * Entries as containerd applies them: later entries replace earlier ones of the same name (a
+ * directory over a directory merges: metadata replaced, xattrs added); owner (lchown), then mode
+ * with setuid/setgid/sticky (chmod, after chown), xattrs from `SCHILY.xattr.*` PAX records, then
+ * mtime (atime = mtime; times before 1970 or after 2262 become the epoch, as containerd's
+ * boundTime); directory mtimes last. `.wh.NAME` becomes a character device 0/0 NAME with mode 0
+ * and the whiteout entry's owner and mtime; `.wh..wh..opq` sets trusted.overlay.opaque=y on its
+ * directory; other `.wh..wh.*` are skipped with a warning. Where this differs from containerd:
+ * the root entry's metadata is applied to the root (containerd ignores it; GNU tar and umoci do
+ * not); a `..` component skips the entry (containerd clamps it at the root); a whiteout of an
+ * entry of the same layer, or under a path the same layer made a file (umoci writes those), is
+ * ignored (containerd fails); PAX global headers are skipped; implicit parent directories copied
+ * from `parents` keep the parent's mtime (containerd leaves them at the time of the unpack).
+ * A hardlink whose target is not an earlier entry, or an entry whose parent is not a directory,
+ * fails the unpack ('invalid-entry'), as in containerd.
+ *
  * Node has no mknod(2) nor ns-precision utimes: device nodes, fifos and whiteout devices are
  * created at the end of the layer (or before a hardlink that needs one) by one GNU `tar -x` of a
  * tar we write (one child process however many whiteouts); xattrs are set by one
