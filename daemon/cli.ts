@@ -6,6 +6,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { readFile } from 'node:fs/promises';
 import { parseCount, parseSize, printTable, progress, UsageError, writeAtomic } from './cli-util.js';
 import { registryCommands, isRegistryUserError } from './cli-registry.js';
+import { isSnapshotterUserError, snapshotterCommand } from './cli-snapshotter.js';
 import {
   buildZtocFromFile,
   encodeZtoc,
@@ -182,6 +183,7 @@ export function buildProgram(): Command {
     );
   program.addCommand(ztocCommand());
   for (const c of registryCommands()) program.addCommand(c);
+  program.addCommand(snapshotterCommand());
   program
     .command('version')
     .description('print version and the inflate engine in use')
@@ -193,7 +195,7 @@ export function buildProgram(): Command {
 
 /** Is this error the user's to fix (bad input, missing file) rather than ours? */
 function isUserError(err: unknown): boolean {
-  if (err instanceof UsageError || err instanceof ZtocError || isRegistryUserError(err)) return true;
+  if (err instanceof UsageError || err instanceof ZtocError || isRegistryUserError(err) || isSnapshotterUserError(err)) return true;
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
   return code === 'ENOENT' || code === 'EACCES' || code === 'EISDIR' || code === 'ENOTDIR' || code === 'EPERM';
 }
