@@ -201,7 +201,7 @@ export class Snapshotter {
       try {
         this.metadata.commit(key, name, { labels, usage });
       } catch (e) {
-        throw wrapError(e, `failed to commit snapshot ${key}`);
+        throw wrapError(e, 'failed to commit snapshot');
       }
       this.log.debug('snapshot committed', { key, name, id: cur.id, size: usage.size, inodes: usage.inodes });
     } finally {
@@ -282,6 +282,7 @@ export class Snapshotter {
       }
     }
     if (removed.length > 0) this.log.info('cleanup removed directories without metadata', { removed: removed.length });
+    else this.log.debug('cleanup: nothing to remove');
     return removed;
   }
 
