@@ -7,6 +7,7 @@ import { readFile } from 'node:fs/promises';
 import { parseCount, parseSize, printTable, progress, UsageError, writeAtomic } from './cli-util.js';
 import { registryCommands, isRegistryUserError } from './cli-registry.js';
 import { mountCommands, isMountUserError, ExitCodeError } from './cli-mount.js';
+import { isSnapshotterUserError, snapshotterCommand } from './cli-snapshotter.js';
 import {
   buildZtocFromFile,
   encodeZtoc,
@@ -184,6 +185,7 @@ export function buildProgram(): Command {
   program.addCommand(ztocCommand());
   for (const c of registryCommands()) program.addCommand(c);
   for (const c of mountCommands()) program.addCommand(c);
+  program.addCommand(snapshotterCommand());
   program
     .command('version')
     .description('print version and the inflate engine in use')
@@ -195,7 +197,7 @@ export function buildProgram(): Command {
 
 /** Is this error the user's to fix (bad input, missing file) rather than ours? */
 function isUserError(err: unknown): boolean {
-  if (err instanceof UsageError || err instanceof ZtocError || isRegistryUserError(err) || isMountUserError(err)) return true;
+  if (err instanceof UsageError || err instanceof ZtocError || isRegistryUserError(err) || isMountUserError(err) || isSnapshotterUserError(err)) return true;
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
   return code === 'ENOENT' || code === 'EACCES' || code === 'EISDIR' || code === 'ENOTDIR' || code === 'EPERM';
 }

@@ -1,0 +1,63 @@
+/** `soci-ts snapshotter`: the containerd snapshotter daemon (runs until SIGTERM or SIGINT). */
+import { Command, Option } from 'commander';
+import { jsonLogger, type LogLevel } from '../fetcher/index.js';
+import { ConfigError, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH, readConfig } from './config.js';
+import { ServerStartError, SnapshotterServer } from './server.js';
+import { SnapshotterError } from './errdefs.js';
+import { ProtoLoadError } from './grpc-api.js';
+
+interface Flags {
+  config?: string;
+  root?: string;
+  address?: string;
+  logLevel?: LogLevel;
+}
+
+export function snapshotterCommand(): Command {
+  return new Command('snapshotter')
+    .description("serve containerd's Snapshots API on a unix socket (a containerd proxy snapshotter plugin); runs until SIGTERM or SIGINT")
+    .option('--config <file>', `TOML config file with keys root, address, log_level (default ${DEFAULT_CONFIG_PATH}, when it exists)`)
+    .option('--root <dir>', `directory for the metadata database and the snapshots (default ${DEFAULT_CONFIG.root})`)
+    .option('--address <socket>', `unix socket to serve on (default ${DEFAULT_CONFIG.address})`)
+    .addOption(new Option('--log-level <level>', `JSON log lines on stderr at this level and above (default ${DEFAULT_CONFIG.logLevel})`).choices(['debug', 'info', 'warn', 'error']))
+    .addHelpText(
+      'after',
+      `
+containerd uses the daemon through a proxy plugin in its config.toml:
+
+  [proxy_plugins.soci-ts]
+    type = "snapshot"
+    address = "${DEFAULT_CONFIG.address}"
+
+then e.g. \`ctr images pull --snapshotter soci-ts REF\` and \`ctr run --snapshotter soci-ts REF ID\`.
+Snapshots live under ROOT/snapshots/<id>/{fs,work}, their metadata in ROOT/metadata.db (SQLite).`,
+    )
+    .action(async (flags: Flags) => {
+      const file = flags.config ?? DEFAULT_CONFIG_PATH;
+      const fromFile = await readConfig(file, flags.config !== undefined);
+      const config = { ...DEFAULT_CONFIG, ...fromFile };
+      if (flags.root !== undefined) config.root = flags.root;
+      if (flags.address !== undefined) config.address = flags.address;
+      if (flags.logLevel !== undefined) config.logLevel = flags.logLevel;
+      const logger = jsonLogger(config.logLevel, process.stderr, { component: 'snapshotter' });
+      const server = await SnapshotterServer.start({ root: config.root, address: config.address, logger });
+      await new Promise<void>((resolve) => {
+        const onSignal = (sig: NodeJS.Signals): void => {
+          logger.info('shutting down', { signal: sig });
+          process.off('SIGTERM', onSignal);
+          process.off('SIGINT', onSignal);
+          server.stop().then(resolve, (e: unknown) => {
+            logger.error('shutdown failed', { error: e });
+            resolve();
+          });
+        };
+        process.on('SIGTERM', onSignal);
+        process.on('SIGINT', onSignal);
+      });
+    });
+}
+
+/** Errors of the snapshotter command that are the user's to fix (exit code 1). */
+export function isSnapshotterUserError(err: unknown): boolean {
+  return err instanceof ConfigError || err instanceof ServerStartError || err instanceof ProtoLoadError || (err instanceof SnapshotterError && err.kind !== 'Internal');
+}

@@ -1,0 +1,484 @@
+/**
+ * The snapshotter's metadata: one SQLite database (better-sqlite3, WAL) at
+ * `<root>/metadata.db` holding every snapshot the daemon knows, with the semantics of
+ * containerd's metadata storage for snapshotters (containerd/snapshots/storage):
+ *
+ * - Prepare and View create an `active` or `view` snapshot under a new key; its parent, when
+ *   given, must exist (NotFound) and be `committed` (InvalidArgument). A taken key is
+ *   AlreadyExists.
+ * - Commit turns an active snapshot into a committed one under a new name (AlreadyExists when
+ *   the name is taken, FailedPrecondition when the key is not active); it keeps its id, and
+ *   its labels are replaced by the commit's, not inherited.
+ * - Remove fails with FailedPrecondition while the snapshot has children.
+ * - Update changes labels only: field paths `labels` (replace all) and `labels.<key>` (one
+ *   label); no paths means all mutable fields (the labels). Any other path is InvalidArgument.
+ *   A label with an empty value is not stored (as containerd's boltutil).
+ *
+ * Every mutation is one SQLite transaction, so a crash leaves the old state or the new one.
+ * Ids are allocated from a persistent sequence and never reused (a directory named after a
+ * removed snapshot's id can never be mistaken for a new snapshot's).
+ *
+ * better-sqlite3 is synchronous: each call runs on the caller's thread. The statements are
+ * small indexed lookups on a local file (never on a FUSE mount), so they do not stall the
+ * event loop the way a synchronous call on a FUSE path would. `synchronous = NORMAL` in WAL
+ * mode: a killed process loses nothing; a power loss may lose the last transactions but
+ * never leaves the database inconsistent.
+ */
+import Database from 'better-sqlite3';
+import { join } from 'node:path';
+import { alreadyExists, failedPrecondition, invalidArgument, notFound, SnapshotterError } from './errdefs.js';
+import { parseFilters } from './filters.js';
+
+export type SnapshotKind = 'active' | 'committed' | 'view';
+
+/** A point in time as protobuf's Timestamp carries it. */
+export interface Time {
+  seconds: number;
+  nanos: number;
+}
+
+export interface Usage {
+  /** Bytes of disk used (blocks × 512 of each distinct inode). */
+  size: number;
+  /** Distinct inodes. */
+  inodes: number;
+}
+
+/** What containerd's Stat / List answer. */
+export interface SnapshotInfo {
+  name: string;
+  /** The parent's name, `''` for none. */
+  parent: string;
+  kind: SnapshotKind;
+  labels: Record<string, string>;
+  created: Time;
+  updated: Time;
+}
+
+/** Where a remotely served (lazily loaded) snapshot's content comes from. */
+export interface RemoteLayer {
+  /** The layer blob's digest. */
+  layerDigest: string;
+  /** The SOCI index the layer's zTOC was found through. */
+  indexDigest?: string;
+}
+
+/** Everything stored about one snapshot. */
+export interface SnapshotRecord extends SnapshotInfo {
+  /** The snapshot's id: its directory under `<root>/snapshots/`. */
+  id: string;
+  /** Usage recorded at commit (zeros for active and view snapshots). */
+  usage: Usage;
+  remote: RemoteLayer | undefined;
+}
+
+/** An active or view snapshot and the ids of its parents, nearest first (what mounts need). */
+export interface MountableSnapshot {
+  id: string;
+  kind: 'active' | 'view';
+  parentIds: string[];
+}
+
+export interface CreateOptions {
+  labels?: Record<string, string>;
+  /** The id to use, from {@link MetadataStore.reserveId}; a fresh one when omitted. */
+  id?: string;
+  remote?: RemoteLayer;
+}
+
+export interface CommitOptions {
+  labels?: Record<string, string>;
+  usage?: Usage;
+  remote?: RemoteLayer;
+}
+
+/** containerd's limit on one label (labels.Validate): key and value together. */
+export const MAX_LABEL_BYTES = 4096;
+
+const SCHEMA_VERSION = 1;
+
+interface Row {
+  id: number;
+  key: string;
+  kind: SnapshotKind;
+  parent_id: number | null;
+  parent_key: string | null;
+  labels: string;
+  created_us: number;
+  updated_us: number;
+  size: number;
+  inodes: number;
+  remote: number;
+  layer_digest: string | null;
+  index_digest: string | null;
+}
+
+const SELECT_ROW = `SELECT s.id, s.key, s.kind, s.parent_id, p.key AS parent_key, s.labels, s.created_us, s.updated_us,
+  s.size, s.inodes, s.remote, s.layer_digest, s.index_digest
+  FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id`;
+
+/** Microseconds since the epoch, with sub-millisecond resolution. */
+function nowMicros(): number {
+  return Math.round((performance.timeOrigin + performance.now()) * 1000);
+}
+
+export function microsToTime(us: number): Time {
+  const seconds = Math.floor(us / 1e6);
+  return { seconds, nanos: (us - seconds * 1e6) * 1000 };
+}
+
+/** Checks labels as containerd does and drops empty values (they are not stored). */
+export function normalizeLabels(labels: Record<string, string> | undefined): Record<string, string> {
+  const out: Record<string, string> = {};
+  if (labels === undefined) return out;
+  for (const k of Object.keys(labels).sort()) {
+    const v = labels[k];
+    if (typeof v !== 'string') throw invalidArgument(`label ${JSON.stringify(k)}: value is not a string`);
+    if (k === '') throw invalidArgument('label key must not be empty');
+    const bytes = Buffer.byteLength(k) + Buffer.byteLength(v);
+    if (bytes > MAX_LABEL_BYTES) {
+      throw invalidArgument(`label key and value length (${bytes} bytes) greater than maximum size (${MAX_LABEL_BYTES} bytes), key: ${k.slice(0, 100)}`);
+    }
+    if (v !== '') out[k] = v;
+  }
+  return out;
+}
+
+function parseLabels(json: string, key: string): Record<string, string> {
+  try {
+    const v = JSON.parse(json) as unknown;
+    if (v !== null && typeof v === 'object' && !Array.isArray(v)) return v as Record<string, string>;
+  } catch {
+    // reported below
+  }
+  throw new SnapshotterError('Internal', `metadata of snapshot ${key}: labels are not a JSON object`);
+}
+
+function toRecord(r: Row): SnapshotRecord {
+  return {
+    id: String(r.id),
+    name: r.key,
+    parent: r.parent_key ?? '',
+    kind: r.kind,
+    labels: parseLabels(r.labels, r.key),
+    created: microsToTime(r.created_us),
+    updated: microsToTime(r.updated_us),
+    usage: { size: r.size, inodes: r.inodes },
+    remote: r.remote === 1 ? { layerDigest: r.layer_digest ?? '', ...(r.index_digest !== null ? { indexDigest: r.index_digest } : {}) } : undefined,
+  };
+}
+
+export function toInfo(r: SnapshotRecord): SnapshotInfo {
+  return { name: r.name, parent: r.parent, kind: r.kind, labels: r.labels, created: r.created, updated: r.updated };
+}
+
+function requireKey(key: string, what: string): void {
+  if (typeof key !== 'string' || key === '') throw invalidArgument(`${what} must not be empty`);
+}
+
+export class MetadataStore {
+  private readonly db: Database.Database;
+  private readonly stmt: {
+    byKey: Database.Statement<[string], Row>;
+    idOfKey: Database.Statement<[string], { id: number; kind: SnapshotKind; parent_id: number | null }>;
+    all: Database.Statement<[], Row>;
+    chain: Database.Statement<[number], { id: number }>;
+    firstChild: Database.Statement<[number], { id: number }>;
+    insert: Database.Statement<[number, string, SnapshotKind, number | null, string, number, number, number, string | null, string | null]>;
+    idExists: Database.Statement<[number], { id: number }>;
+    nextId: Database.Statement<[], { value: number }>;
+    commit: Database.Statement<[string, string, number, number, number, number, number, string | null, string | null, number]>;
+    setLabels: Database.Statement<[string, number, number]>;
+    remove: Database.Statement<[number]>;
+    ids: Database.Statement<[], { id: number; key: string }>;
+    totals: Database.Statement<[], { kind: SnapshotKind; count: number; size: number; inodes: number }>;
+  };
+
+  /** Opens (creating when needed) `<root>/metadata.db`. */
+  static open(root: string): MetadataStore {
+    return new MetadataStore(join(root, 'metadata.db'));
+  }
+
+  constructor(readonly path: string) {
+    let db: Database.Database;
+    try {
+      db = new Database(path);
+    } catch (e) {
+      throw new SnapshotterError('Internal', `cannot open the metadata database ${path}: ${(e as Error).message}`, { cause: e });
+    }
+    this.db = db;
+    try {
+      db.pragma('journal_mode = WAL');
+      db.pragma('synchronous = NORMAL');
+      db.pragma('foreign_keys = ON');
+      db.pragma('busy_timeout = 5000');
+      this.migrate();
+    } catch (e) {
+      db.close();
+      if (e instanceof SnapshotterError) throw e;
+      throw new SnapshotterError('Internal', `cannot set up the metadata database ${path}: ${(e as Error).message}`, { cause: e });
+    }
+    this.stmt = {
+      byKey: db.prepare(`${SELECT_ROW} WHERE s.key = ?`),
+      idOfKey: db.prepare('SELECT id, kind, parent_id FROM snapshots WHERE key = ?'),
+      all: db.prepare(`${SELECT_ROW} ORDER BY s.key`),
+      // The parent chain from a snapshot up, nearest first. The depth bound only guards
+      // against a corrupted database; a real chain is acyclic (parents are older).
+      chain: db.prepare(`WITH RECURSIVE chain(id, parent_id, depth) AS (
+          SELECT id, parent_id, 0 FROM snapshots WHERE id = ?
+          UNION ALL
+          SELECT s.id, s.parent_id, c.depth + 1 FROM snapshots s JOIN chain c ON s.id = c.parent_id WHERE c.depth < 100000
+        ) SELECT id FROM chain ORDER BY depth`),
+      firstChild: db.prepare('SELECT id FROM snapshots WHERE parent_id = ? LIMIT 1'),
+      insert: db.prepare(`INSERT INTO snapshots (id, key, kind, parent_id, labels, created_us, updated_us, remote, layer_digest, index_digest)
+          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`),
+      idExists: db.prepare('SELECT id FROM snapshots WHERE id = ?'),
+      nextId: db.prepare(`UPDATE meta SET value = value + 1 WHERE name = 'next_id' RETURNING value - 1 AS value`),
+      commit: db.prepare(`UPDATE snapshots SET key = ?, kind = 'committed', labels = ?, created_us = ?, updated_us = ?, size = ?, inodes = ?,
+          remote = ?, layer_digest = ?, index_digest = ? WHERE id = ?`),
+      setLabels: db.prepare('UPDATE snapshots SET labels = ?, updated_us = ? WHERE id = ?'),
+      remove: db.prepare('DELETE FROM snapshots WHERE id = ?'),
+      ids: db.prepare('SELECT id, key FROM snapshots'),
+      totals: db.prepare('SELECT kind, count(*) AS count, coalesce(sum(size), 0) AS size, coalesce(sum(inodes), 0) AS inodes FROM snapshots GROUP BY kind'),
+    };
+  }
+
+  private migrate(): void {
+    const version = this.db.pragma('user_version', { simple: true }) as number;
+    if (version > SCHEMA_VERSION) {
+      throw new SnapshotterError(
+        'FailedPrecondition',
+        `metadata database ${this.path} has schema version ${version}, newer than this soci-ts supports (${SCHEMA_VERSION})`,
+      );
+    }
+    if (version === SCHEMA_VERSION) return;
+    this.db.transaction(() => {
+      this.db.exec(`
+        CREATE TABLE snapshots (
+          id INTEGER PRIMARY KEY,
+          key TEXT NOT NULL UNIQUE,
+          kind TEXT NOT NULL CHECK (kind IN ('active', 'committed', 'view')),
+          parent_id INTEGER REFERENCES snapshots (id) ON DELETE RESTRICT,
+          labels TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(labels)),
+          created_us INTEGER NOT NULL,
+          updated_us INTEGER NOT NULL,
+          size INTEGER NOT NULL DEFAULT 0,
+          inodes INTEGER NOT NULL DEFAULT 0,
+          remote INTEGER NOT NULL DEFAULT 0 CHECK (remote IN (0, 1)),
+          layer_digest TEXT,
+          index_digest TEXT,
+          CHECK (parent_id IS NULL OR parent_id <> id)
+        );
+        CREATE INDEX snapshots_by_parent ON snapshots (parent_id);
+        CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO meta (name, value) VALUES ('next_id', 1);
+      `);
+      this.db.pragma(`user_version = ${SCHEMA_VERSION}`);
+    }).immediate();
+  }
+
+  close(): void {
+    if (this.db.open) this.db.close();
+  }
+
+  /**
+   * Allocates a snapshot id (committed at once, so it is never handed out twice, even if the
+   * snapshot it was meant for is never created).
+   */
+  reserveId(): string {
+    return this.db.transaction(() => {
+      const row = this.stmt.nextId.get();
+      if (row === undefined) throw new SnapshotterError('Internal', `metadata database ${this.path}: the id sequence is missing`);
+      return String(row.value);
+    }).immediate();
+  }
+
+  /**
+   * The checks of {@link create} without writing: throws the error create would throw now.
+   * Returns the parent's id (undefined without a parent).
+   */
+  checkCreate(kind: SnapshotKind, key: string, parent: string): string | undefined {
+    if (kind !== 'active' && kind !== 'view') {
+      throw invalidArgument(`snapshot type ${kind} invalid; only snapshots of type Active or View can be created`);
+    }
+    requireKey(key, 'snapshot key');
+    let parentId: string | undefined;
+    if (parent !== '') {
+      const p = this.stmt.idOfKey.get(parent);
+      if (p === undefined) throw notFound(`missing parent ${JSON.stringify(parent)}`);
+      if (p.kind !== 'committed') throw invalidArgument(`parent ${JSON.stringify(parent)} is not committed snapshot`);
+      parentId = String(p.id);
+    }
+    if (this.stmt.idOfKey.get(key) !== undefined) throw alreadyExists(`snapshot ${key}`);
+    return parentId;
+  }
+
+  /** Creates an active or view snapshot (one transaction). */
+  create(kind: SnapshotKind, key: string, parent: string, opts: CreateOptions = {}): MountableSnapshot {
+    const labels = JSON.stringify(normalizeLabels(opts.labels));
+    return this.db.transaction((): MountableSnapshot => {
+      const parentId = this.checkCreate(kind, key, parent);
+      const id = opts.id !== undefined ? Number(opts.id) : Number(this.reserveIdInTx());
+      if (!Number.isSafeInteger(id) || id <= 0) throw invalidArgument(`snapshot id ${String(opts.id)} is not a positive integer`);
+      if (this.stmt.idExists.get(id) !== undefined) throw alreadyExists(`snapshot id ${id}`);
+      const t = nowMicros();
+      const r = opts.remote;
+      this.stmt.insert.run(id, key, kind, parentId === undefined ? null : Number(parentId), labels, t, t, r !== undefined ? 1 : 0, r?.layerDigest ?? null, r?.indexDigest ?? null);
+      return { id: String(id), kind: kind as 'active' | 'view', parentIds: parentId === undefined ? [] : this.chainIds(Number(parentId)) };
+    }).immediate();
+  }
+
+  private reserveIdInTx(): string {
+    const row = this.stmt.nextId.get();
+    if (row === undefined) throw new SnapshotterError('Internal', `metadata database ${this.path}: the id sequence is missing`);
+    return String(row.value);
+  }
+
+  private chainIds(fromId: number): string[] {
+    return this.stmt.chain.all(fromId).map((r) => String(r.id));
+  }
+
+  /** The full record of `key` (name of a committed snapshot or key of an active/view one). */
+  get(key: string): SnapshotRecord | undefined {
+    const r = this.stmt.byKey.get(key);
+    return r === undefined ? undefined : toRecord(r);
+  }
+
+  /** Stat: the info, id and recorded usage of `key`; NotFound when there is none. */
+  stat(key: string): SnapshotRecord {
+    const r = this.get(key);
+    if (r === undefined) throw notFound('snapshot does not exist');
+    return r;
+  }
+
+  /** The active or view snapshot `key` with its parent chain (for Mounts). */
+  mountable(key: string): MountableSnapshot {
+    return this.db.transaction((): MountableSnapshot => {
+      const r = this.stmt.idOfKey.get(key);
+      if (r === undefined) throw notFound('snapshot does not exist');
+      if (r.kind !== 'active' && r.kind !== 'view') throw failedPrecondition(`requested snapshot ${key} not active or view`);
+      return { id: String(r.id), kind: r.kind, parentIds: r.parent_id === null ? [] : this.chainIds(r.parent_id) };
+    }).deferred();
+  }
+
+  /**
+   * Update: only labels change (`labels`, `labels.<key>`; none = all labels). Returns the
+   * updated info.
+   */
+  update(name: string, labels: Record<string, string> | undefined, fieldpaths: readonly string[]): SnapshotRecord {
+    return this.db.transaction((): SnapshotRecord => {
+      const cur = this.get(name);
+      if (cur === undefined) throw notFound('snapshot does not exist');
+      const given = labels ?? {};
+      let next: Record<string, string> = { ...cur.labels };
+      if (fieldpaths.length === 0) next = { ...given };
+      for (const path of fieldpaths) {
+        if (path.startsWith('labels.')) {
+          const k = path.slice('labels.'.length);
+          next[k] = given[k] ?? '';
+        } else if (path === 'labels') {
+          next = { ...given };
+        } else {
+          throw invalidArgument(`cannot update ${JSON.stringify(path)} field on snapshot ${JSON.stringify(name)}`);
+        }
+      }
+      const normalized = normalizeLabels(next);
+      this.stmt.setLabels.run(JSON.stringify(normalized), nowMicros(), Number(cur.id));
+      const after = this.get(name);
+      if (after === undefined) throw new SnapshotterError('Internal', `snapshot ${name} vanished during update`);
+      return after;
+    }).immediate();
+  }
+
+  /**
+   * Commit: the active snapshot `key` becomes the committed snapshot `name` (same id). Labels
+   * are the commit's (not inherited); `usage` is recorded. Returns the id.
+   */
+  commit(key: string, name: string, opts: CommitOptions = {}): string {
+    const labels = JSON.stringify(normalizeLabels(opts.labels));
+    return this.db.transaction((): string => {
+      requireKey(name, 'committed snapshot name');
+      if (this.stmt.idOfKey.get(name) !== undefined) throw alreadyExists(`committed snapshot ${name}`);
+      const cur = this.get(key);
+      if (cur === undefined) throw notFound(`failed to get active snapshot ${JSON.stringify(key)}`);
+      if (cur.kind !== 'active') throw failedPrecondition(`snapshot ${JSON.stringify(key)} is not active`);
+      const t = nowMicros();
+      const remote = opts.remote ?? cur.remote;
+      const usage = opts.usage ?? { size: 0, inodes: 0 };
+      this.stmt.commit.run(
+        name,
+        labels,
+        t,
+        t,
+        usage.size,
+        usage.inodes,
+        remote !== undefined ? 1 : 0,
+        remote?.layerDigest ?? null,
+        remote?.indexDigest ?? null,
+        Number(cur.id),
+      );
+      return cur.id;
+    }).immediate();
+  }
+
+  /** Remove: FailedPrecondition while it has children. Returns the removed record. */
+  remove(key: string): SnapshotRecord {
+    return this.db.transaction((): SnapshotRecord => {
+      const cur = this.get(key);
+      if (cur === undefined) throw notFound(`snapshot ${key}`);
+      if (this.stmt.firstChild.get(Number(cur.id)) !== undefined) throw failedPrecondition('cannot remove snapshot with child');
+      this.stmt.remove.run(Number(cur.id));
+      return cur;
+    }).immediate();
+  }
+
+  /** Every snapshot matching any of `filters` (containerd filter syntax), ordered by name. */
+  list(filters: readonly string[] = []): SnapshotRecord[] {
+    const match = parseFilters(filters);
+    const out: SnapshotRecord[] = [];
+    for (const row of this.stmt.all.all()) {
+      const r = toRecord(row);
+      const ok = match((fp) => {
+        switch (fp[0]) {
+          case 'kind':
+            return r.kind;
+          case 'name':
+            return r.name;
+          case 'parent':
+            return r.parent;
+          case 'labels': {
+            if (fp.length < 2) return undefined;
+            const k = fp.slice(1).join('.');
+            return Object.prototype.hasOwnProperty.call(r.labels, k) ? r.labels[k] : undefined;
+          }
+          default:
+            return undefined;
+        }
+      });
+      if (ok) out.push(r);
+    }
+    return out;
+  }
+
+  /** Is `id` (a directory name under snapshots/) the id of a snapshot? */
+  hasId(id: string): boolean {
+    if (!/^[1-9][0-9]{0,15}$/.test(id)) return false;
+    return this.stmt.idExists.get(Number(id)) !== undefined;
+  }
+
+  /** id → key of every snapshot. */
+  idMap(): Map<string, string> {
+    return new Map(this.stmt.ids.all().map((r) => [String(r.id), r.key]));
+  }
+
+  /** Count, recorded bytes and inodes per kind (recorded usage is that of committed snapshots). */
+  totals(): Record<SnapshotKind, { count: number; size: number; inodes: number }> {
+    const out: Record<SnapshotKind, { count: number; size: number; inodes: number }> = {
+      active: { count: 0, size: 0, inodes: 0 },
+      committed: { count: 0, size: 0, inodes: 0 },
+      view: { count: 0, size: 0, inodes: 0 },
+    };
+    for (const r of this.stmt.totals.all()) out[r.kind] = { count: r.count, size: r.size, inodes: r.inodes };
+    return out;
+  }
+}
