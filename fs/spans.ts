@@ -233,7 +233,14 @@ export class SpanManager {
     if (this.local.has(spanId)) return false;
     const subject = `${this.layerDigest} span ${spanId}`;
     if (this.disk === undefined) throw new SpanReadError(subject, 'no disk store to fetch into');
-    await this.withTimeout(this.compressed(spanId), `span ${spanId}`);
+    const fetching = this.compressed(spanId);
+    try {
+      await this.withTimeout(fetching, `span ${spanId}`);
+    } catch (err) {
+      // As in read(): a retry must not join the stalled fetch again.
+      if (err instanceof SpanReadError && err.timedOut && this.fetching.get(spanId) === fetching) this.fetching.delete(spanId);
+      throw err;
+    }
     await this.storing.get(spanId);
     if (!this.local.has(spanId)) throw new SpanReadError(subject, 'fetched but not kept by the disk store (see its log)');
     return true;
