@@ -14,7 +14,7 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import { fstat } from 'node:fs';
-import { unlink } from 'node:fs/promises';
+import { readFile, readlink, unlink } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { Server as NetServer, type Socket } from 'node:net';
 import type { Logger } from '../fetcher/index.js';
@@ -63,13 +63,31 @@ export function listenFds(env: NodeJS.ProcessEnv = process.env, pid: number = pr
 }
 
 export interface ActivatedListener {
-  /** The adopted fd. */
+  /** The passed fd. */
   fd: number;
   /** Its LISTEN_FDNAMES name (`unknown` without one). */
   name: string;
-  /** The listening socket's path (unix sockets), else `host:port`. */
+  /** The path the socket is bound to (from /proc), or `fd N` where it cannot be told. */
   address: string;
-  server: NetServer;
+}
+
+/**
+ * The path a unix socket fd is bound to, from /proc (libuv knows no name for an adopted fd):
+ * /proc/self/fd/N names the socket's inode, /proc/net/unix lists each socket's inode and path.
+ */
+async function unixSocketPath(fd: number): Promise<string | undefined> {
+  try {
+    const link = await readlink(`/proc/self/fd/${fd}`);
+    const inode = /^socket:\[(\d+)\]$/.exec(link)?.[1];
+    if (inode === undefined) return undefined;
+    for (const line of (await readFile('/proc/net/unix', 'utf8')).split('\n').slice(1)) {
+      const cols = line.trim().split(/\s+/);
+      if (cols[6] === inode && cols[7] !== undefined && cols[7].startsWith('/')) return cols.slice(7).join(' ');
+    }
+  } catch {
+    // no /proc: the address stays "fd N"
+  }
+  return undefined;
 }
 
 function isSocketFd(fd: number): Promise<boolean> {
@@ -77,8 +95,8 @@ function isSocketFd(fd: number): Promise<boolean> {
 }
 
 /**
- * Adopts the listening socket systemd passed (the first one; others are ignored with a
- * warning), or resolves undefined when the process was not socket-activated.
+ * The listening socket systemd passed (the first one; others are ignored with a warning), not
+ * yet accepted on, or undefined when the process was not socket-activated.
  */
 export async function activatedListener(logger: Logger, env: NodeJS.ProcessEnv = process.env, pid: number = process.pid): Promise<ActivatedListener | undefined> {
   const passed = listenFds(env, pid);
@@ -92,33 +110,32 @@ export async function activatedListener(logger: Logger, env: NodeJS.ProcessEnv =
     throw new SocketActivationError(`fd ${fd} (LISTEN_FDS=${passed.fds.length}) is not open: ${(e as Error).message}`, { cause: e });
   }
   if (!socket) throw new SocketActivationError(`fd ${fd} is not a socket`);
-  const server = new NetServer();
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', (e) => reject(new SocketActivationError(`cannot listen on fd ${fd}: ${e.message}`, { cause: e })));
-    server.listen({ fd }, () => resolve());
-  });
-  const a = server.address();
-  const address = typeof a === 'string' ? a : a === null ? `fd ${fd}` : `${a.address}:${a.port}`;
-  return { fd, name: passed.names[0]!, address, server };
+  return { fd, name: passed.names[0]!, address: (await unixSocketPath(fd)) ?? `fd ${fd}` };
 }
 
 /**
- * Serves `grpcServer` on the adopted listener: each accepted connection is injected into it.
- * Returns a function that stops accepting (the gRPC server's own shutdown closes the
- * connections it serves).
+ * Serves `grpcServer` on the passed socket: a net.Server adopts the fd (`listen({ fd })`) and
+ * each connection it accepts is injected into the gRPC server. The handler is in place before
+ * the first accept, so connections that queued in the backlog while the daemon started are
+ * served too. Resolves, once accepting, to a function that stops accepting (the gRPC server's
+ * own shutdown closes the connections it serves).
  */
-export function serveOnListener(grpcServer: grpc.Server, listener: ActivatedListener, logger: Logger): () => Promise<void> {
+export async function serveOnListener(grpcServer: grpc.Server, listener: ActivatedListener, logger: Logger): Promise<() => Promise<void>> {
   const injector = grpcServer.createConnectionInjector(grpc.ServerCredentials.createInsecure());
-  const onConnection = (s: Socket): void => injector.injectConnection(s);
-  listener.server.on('connection', onConnection);
-  listener.server.on('error', (e) => logger.error('socket-activated listener failed', { fd: listener.fd, error: e }));
-  let closed: Promise<void> | undefined;
-  return () =>
-    (closed ??= new Promise<void>((resolve) => {
-      listener.server.off('connection', onConnection);
-      // An adopted fd has no path libuv knows of, so closing it leaves systemd's socket file alone.
-      listener.server.close(() => resolve());
-    }));
+  const server = new NetServer();
+  server.on('connection', (s: Socket) => injector.injectConnection(s));
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', (e) => reject(new SocketActivationError(`cannot accept on fd ${listener.fd}: ${e.message}`, { cause: e })));
+    server.listen({ fd: listener.fd }, () => resolve());
+  });
+  server.on('error', (e) => logger.error('socket-activated listener failed', { fd: listener.fd, error: e }));
+  // Stops accepting at once (net.Server's close callback would wait for the connections, which
+  // the gRPC server's shutdown ends). An adopted fd has no path libuv knows of, so closing it
+  // leaves systemd's socket file alone.
+  return () => {
+    if (server.listening) server.close();
+    return Promise.resolve();
+  };
 }
 
 /** What {@link serveMaybeActivated} needs of the daemon's server. */
@@ -148,16 +165,16 @@ export async function serveMaybeActivated<S extends GrpcServing>(
   }
   const dir = listener.address.startsWith('/') ? dirname(listener.address) : dirname(address.replace(/^unix:/, ''));
   const privatePath = join(dir, `.soci-ts-${process.pid}.grpc.sock`);
-  let serving: S;
-  try {
-    serving = await start(privatePath);
-  } catch (e) {
-    listener.server.close();
-    throw e;
-  }
+  const serving = await start(privatePath);
   serving.server.unbind(`unix:${privatePath}`);
   await unlink(privatePath).catch(() => undefined);
-  const stopAccepting = serveOnListener(serving.server, listener, logger);
+  let stopAccepting: () => Promise<void>;
+  try {
+    stopAccepting = await serveOnListener(serving.server, listener, logger);
+  } catch (e) {
+    await serving.stop();
+    throw e;
+  }
   if (listener.address !== address && listener.address !== address.replace(/^unix:/, '')) {
     logger.info('socket-activated: serving on the socket systemd passed, not on the configured address', { activated: listener.address, configured: address });
   }
