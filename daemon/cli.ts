@@ -8,6 +8,7 @@ import { parseCount, parseSize, printTable, progress, UsageError, writeAtomic } 
 import { registryCommands, isRegistryUserError } from './cli-registry.js';
 import { mountCommands, isMountUserError, ExitCodeError } from './cli-mount.js';
 import { isSnapshotterUserError, snapshotterCommand } from './cli-snapshotter.js';
+import { explainCommand } from './explain.js';
 import { installSystemdCommand, isSystemdUserError } from './systemd.js';
 import {
   buildZtocFromFile,
@@ -187,6 +188,7 @@ export function buildProgram(): Command {
   for (const c of registryCommands()) program.addCommand(c);
   for (const c of mountCommands()) program.addCommand(c);
   program.addCommand(snapshotterCommand());
+  program.addCommand(explainCommand());
   program.addCommand(installSystemdCommand());
   program
     .command('version')
