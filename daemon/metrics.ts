@@ -58,8 +58,19 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { lstat, mkdir, unlink, chmod } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { dirname } from 'node:path';
-import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry, prometheusContentType } from 'prom-client';
+import { createRequire } from 'node:module';
+import type { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { Logger } from '../fetcher/index.js';
+
+/** prom-client, loaded at the first createMetrics() (not at import: the CLI's other commands start faster). */
+type PromClient = typeof import('prom-client');
+let promClient: PromClient | undefined;
+function loadPromClient(): PromClient {
+  return (promClient ??= createRequire(import.meta.url)('prom-client') as PromClient);
+}
+
+/** The Prometheus text format's content type (prom-client's `prometheusContentType`). */
+export const PROMETHEUS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8';
 
 /** Why a layer is served the way it is: a short, stable code (the long story goes to the log). */
 export type LayerModeReason =
@@ -181,7 +192,7 @@ type Adder = { inc(v?: number): void };
 type Setter = { set(v: number): void; inc(v?: number): void };
 
 class PromMetrics implements MetricsSink {
-  readonly registry = new Registry();
+  readonly registry: Registry;
   private readonly opMs: Histogram<'operation_type' | 'layer'>;
   private readonly opUs: Histogram<'operation_type' | 'layer'>;
   private readonly opCount: Counter<'operation_type' | 'layer'>;
@@ -210,7 +221,8 @@ class PromMetrics implements MetricsSink {
   private readonly lastLocal = new Map<string, number>();
 
   constructor(opts: CreateMetricsOptions) {
-    const r = this.registry;
+    const { Registry, Histogram, Counter, Gauge, collectDefaultMetrics } = loadPromClient();
+    const r = (this.registry = new Registry());
     r.setDefaultLabels({ process: opts.process ?? 'snapshotter' });
     const registers = [r];
     const perOp = ['operation_type', 'layer'] as const;
@@ -644,7 +656,7 @@ export async function startMetricsServer(address: string, sources: ReadonlyArray
     }
     scrape().then(
       (body) => {
-        res.writeHead(200, { 'content-type': prometheusContentType, 'content-length': Buffer.byteLength(body) });
+        res.writeHead(200, { 'content-type': PROMETHEUS_CONTENT_TYPE, 'content-length': Buffer.byteLength(body) });
         res.end(req.method === 'HEAD' ? undefined : body);
       },
       (err: unknown) => {
