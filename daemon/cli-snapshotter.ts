@@ -5,12 +5,15 @@ import { ConfigError, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH, readConfig } from './
 import { ServerStartError, SnapshotterServer } from './server.js';
 import { SnapshotterError } from './errdefs.js';
 import { ProtoLoadError } from './grpc-api.js';
+import { createMetrics, MetricsServerError, parseMetricsAddress, startDaemonMetrics } from './metrics.js';
+import { serveMaybeActivated, SocketActivationError } from './socket-activation.js';
 
 interface Flags {
   config?: string;
   root?: string;
   address?: string;
   logLevel?: LogLevel;
+  metricsAddress?: string;
 }
 
 export function snapshotterCommand(): Command {
@@ -20,6 +23,7 @@ export function snapshotterCommand(): Command {
     .option('--root <dir>', `directory for the metadata database and the snapshots (default ${DEFAULT_CONFIG.root})`)
     .option('--address <socket>', `unix socket to serve on (default ${DEFAULT_CONFIG.address})`)
     .addOption(new Option('--log-level <level>', `JSON log lines on stderr at this level and above (default ${DEFAULT_CONFIG.logLevel})`).choices(['debug', 'info', 'warn', 'error']))
+    .option('--metrics-address <address>', `Prometheus endpoint GET /metrics: HOST:PORT, [IPv6]:PORT or a unix socket path; "" turns it off (default ${DEFAULT_CONFIG.metricsAddress})`)
     .addHelpText(
       'after',
       `
@@ -30,7 +34,8 @@ containerd uses the daemon through a proxy plugin in its config.toml:
     address = "${DEFAULT_CONFIG.address}"
 
 then e.g. \`ctr images pull --snapshotter soci-ts REF\` and \`ctr run --snapshotter soci-ts REF ID\`.
-Snapshots live under ROOT/snapshots/<id>/{fs,work}, their metadata in ROOT/metadata.db (SQLite).`,
+Snapshots live under ROOT/snapshots/<id>/{fs,work}, their metadata in ROOT/metadata.db (SQLite).
+Started by systemd with a socket (soci-ts install-systemd), it serves on the socket systemd passes.`,
     )
     .action(async (flags: Flags) => {
       const file = flags.config ?? DEFAULT_CONFIG_PATH;
@@ -39,17 +44,32 @@ Snapshots live under ROOT/snapshots/<id>/{fs,work}, their metadata in ROOT/metad
       if (flags.root !== undefined) config.root = flags.root;
       if (flags.address !== undefined) config.address = flags.address;
       if (flags.logLevel !== undefined) config.logLevel = flags.logLevel;
+      if (flags.metricsAddress !== undefined) {
+        if (flags.metricsAddress !== '') parseMetricsAddress(flags.metricsAddress); // MetricsServerError naming it
+        config.metricsAddress = flags.metricsAddress;
+      }
       const logger = jsonLogger(config.logLevel, process.stderr, { component: 'snapshotter' });
-      const server = await SnapshotterServer.start({ root: config.root, address: config.address, logger });
+      // ---- hooks (daemon/metrics.ts, daemon/socket-activation.ts): the metrics endpoint, a socket-activated listener.
+      const metrics = createMetrics({ process: 'snapshotter' });
+      const metricsConfigured = flags.metricsAddress !== undefined || fromFile.metricsAddress !== undefined;
+      const endpoint = await startDaemonMetrics(config.metricsAddress, metricsConfigured, [{ name: 'snapshotter', collect: metrics.text }], logger);
+      const server = await serveMaybeActivated(config.address, logger, (address) => SnapshotterServer.start({ root: config.root, address, logger })).catch(async (e: unknown) => {
+        await endpoint?.close();
+        throw e;
+      });
+      // ---- end of hooks
       await new Promise<void>((resolve) => {
         const onSignal = (sig: NodeJS.Signals): void => {
           logger.info('shutting down', { signal: sig });
           process.off('SIGTERM', onSignal);
           process.off('SIGINT', onSignal);
-          server.stop().then(resolve, (e: unknown) => {
-            logger.error('shutdown failed', { error: e });
-            resolve();
-          });
+          server
+            .stop()
+            .then(() => endpoint?.close())
+            .then(resolve, (e: unknown) => {
+              logger.error('shutdown failed', { error: e });
+              resolve();
+            });
         };
         process.on('SIGTERM', onSignal);
         process.on('SIGINT', onSignal);
@@ -59,5 +79,12 @@ Snapshots live under ROOT/snapshots/<id>/{fs,work}, their metadata in ROOT/metad
 
 /** Errors of the snapshotter command that are the user's to fix (exit code 1). */
 export function isSnapshotterUserError(err: unknown): boolean {
-  return err instanceof ConfigError || err instanceof ServerStartError || err instanceof ProtoLoadError || (err instanceof SnapshotterError && err.kind !== 'Internal');
+  return (
+    err instanceof ConfigError ||
+    err instanceof ServerStartError ||
+    err instanceof ProtoLoadError ||
+    err instanceof MetricsServerError ||
+    err instanceof SocketActivationError ||
+    (err instanceof SnapshotterError && err.kind !== 'Internal')
+  );
 }

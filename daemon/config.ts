@@ -4,6 +4,8 @@
  *   root = "/var/lib/soci-ts"                # metadata.db and snapshots/ live here
  *   address = "/run/soci-ts/soci-ts.sock"    # the unix socket containerd's proxy plugin dials
  *   log_level = "info"                       # debug | info | warn | error
+ *   metrics_address = "127.0.0.1:8000"       # Prometheus GET /metrics: HOST:PORT, [IPv6]:PORT or a unix socket path; "" = off
+ *   min_layer_size = 0                       # bytes (or "10MiB"): smaller layers are fetched and unpacked even with a zTOC
  *
  * Command-line flags override the file. An unknown key or a value of the wrong type is an
  * error naming the key and the file.
@@ -12,19 +14,26 @@ import { readFile } from 'node:fs/promises';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { isLogLevel, type LogLevel } from '../fetcher/index.js';
 import { DEFAULT_ADDRESS, DEFAULT_ROOT } from './server.js';
+import { parseSize } from './cli-util.js';
+import { parseMetricsAddress } from './metrics.js';
 
 export const DEFAULT_CONFIG_PATH = '/etc/soci-ts/config.toml';
+export const DEFAULT_METRICS_ADDRESS = '127.0.0.1:8000';
 
 export interface SnapshotterConfig {
   root: string;
   address: string;
   logLevel: LogLevel;
+  metricsAddress: string;
+  minLayerSize: number;
 }
 
 export const DEFAULT_CONFIG: Readonly<SnapshotterConfig> = Object.freeze({
   root: DEFAULT_ROOT,
   address: DEFAULT_ADDRESS,
   logLevel: 'info',
+  metricsAddress: DEFAULT_METRICS_ADDRESS,
+  minLayerSize: 0,
 });
 
 export class ConfigError extends Error {
@@ -42,13 +51,38 @@ type Checker = (v: unknown) => string | undefined;
 
 const absolutePath: Checker = (v) => (typeof v !== 'string' ? 'must be a string' : v.startsWith('/') ? undefined : 'must be an absolute path');
 
-const KEYS: Record<string, { field: keyof SnapshotterConfig; check: Checker }> = {
+const metricsAddress: Checker = (v) => {
+  if (typeof v !== 'string') return 'must be a string';
+  try {
+    if (v !== '') parseMetricsAddress(v);
+    return undefined;
+  } catch (e) {
+    return (e as Error).message.replace(/^metrics address .*?: /, '');
+  }
+};
+
+/** A whole number of bytes >= 0, or a size string ("10MiB"); the parsed value replaces the string. */
+const byteSize: Checker = (v) => {
+  if (typeof v === 'number') return Number.isSafeInteger(v) && v >= 0 ? undefined : 'must be a whole number of bytes >= 0';
+  if (typeof v !== 'string') return 'must be a number of bytes or a size such as "10MiB"';
+  try {
+    parseSize(v);
+    return undefined;
+  } catch (e) {
+    return `must be a number of bytes or a size: ${(e as Error).message}`;
+  }
+};
+const toBytes = (v: unknown): number => (typeof v === 'string' ? parseSize(v) : Number(v));
+
+const KEYS: Record<string, { field: keyof SnapshotterConfig; check: Checker; convert?: (v: unknown) => unknown }> = {
   root: { field: 'root', check: absolutePath },
   address: { field: 'address', check: absolutePath },
   log_level: {
     field: 'logLevel',
     check: (v) => (typeof v === 'string' && isLogLevel(v) ? undefined : 'must be one of "debug", "info", "warn", "error"'),
   },
+  metrics_address: { field: 'metricsAddress', check: metricsAddress },
+  min_layer_size: { field: 'minLayerSize', check: byteSize, convert: toBytes },
 };
 
 /** Parses config text (`file` names it in errors) into the settings it sets. */
@@ -66,7 +100,7 @@ export function parseConfig(text: string, file: string): Partial<SnapshotterConf
     if (spec === undefined) throw new ConfigError(file, `unknown key "${k}" (known: ${Object.keys(KEYS).join(', ')})`);
     const problem = spec.check(v);
     if (problem !== undefined) throw new ConfigError(file, `key "${k}" ${problem} (got ${JSON.stringify(v)})`);
-    (out as Record<string, unknown>)[spec.field] = v;
+    (out as Record<string, unknown>)[spec.field] = spec.convert === undefined ? v : spec.convert(v);
   }
   return out;
 }
