@@ -8,6 +8,7 @@ import { parseCount, parseSize, printTable, progress, UsageError, writeAtomic } 
 import { registryCommands, isRegistryUserError } from './cli-registry.js';
 import { mountCommands, isMountUserError, ExitCodeError } from './cli-mount.js';
 import { isSnapshotterUserError, snapshotterCommand } from './cli-snapshotter.js';
+import { fuseManagerCommand } from './cli-fuse-manager.js';
 import {
   buildZtocFromFile,
   encodeZtoc,
@@ -186,6 +187,7 @@ export function buildProgram(): Command {
   for (const c of registryCommands()) program.addCommand(c);
   for (const c of mountCommands()) program.addCommand(c);
   program.addCommand(snapshotterCommand());
+  program.addCommand(fuseManagerCommand(), { hidden: true });
   program
     .command('version')
     .description('print version and the inflate engine in use')
