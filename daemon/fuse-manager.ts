@@ -12,7 +12,8 @@
  * - the memory cache of inflated spans and the disk cache of compressed spans
  *   (`<root>/cache/spans`), each mount holding its layer's spans (released on `unmount` with
  *   `release`, so the cache stays tied to what containerd holds);
- * - the background fetcher, which makes every span of its layers local after a quiet period.
+ * - the background fetcher (fs's BackgroundFetcher), which makes every span of its layers local
+ *   after a start delay, at a bounded rate, yielding to on-demand reads.
  *
  * It keeps no state on disk: its mounts live as long as it does. When it dies, its FUSE mounts
  * die with it (ENOTCONN); the next snapshotter start (or request) starts a new manager and mounts
@@ -26,9 +27,8 @@ import { chmod, unlink } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { isAbsolute } from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { FetcherError, type Descriptor, type Logger, type RegistryClient, type Repository } from '../fetcher/index.js';
-import { CompressedSpanStore, FuseError, InflatedSpanCache, SpanReadError, type LayerFs, type LayerFsOptions, type SpanManager } from '../fs/index.js';
+import { BackgroundFetcher, CompressedSpanStore, FuseError, InflatedSpanCache, SpanReadError, type LayerFs, type LayerFsOptions } from '../fs/index.js';
 import { DiscoverError, loadZtoc } from './discover.js';
 import {
   descriptorProblem,
@@ -51,14 +51,6 @@ import { detach, mountsUnder, runCommand } from './sysmount.js';
 import { prepareSocketPath } from './server.js';
 
 export const MANAGER_VERSION = '0.1.0';
-
-/** What the manager needs of a background fetcher (fs/background.ts's BackgroundFetcher has this shape). */
-export interface BackgroundRunner {
-  add(spans: SpanManager): void;
-  remove(layerDigest: string): Promise<void>;
-  stop(): Promise<void>;
-  stats?(layerDigest: string): unknown;
-}
 
 export interface BackgroundSettings {
   /** Default true. */
@@ -84,8 +76,6 @@ export interface FuseManagerOptions {
   /** Bound of the compressed-span disk cache (fs default 10 GiB). */
   diskCacheBytes?: number;
   background?: BackgroundSettings;
-  /** Makes the background fetcher (default: {@link SimpleBackground}). */
-  makeBackground?: (settings: BackgroundSettings, logger: Logger, sink: MetricsSink | undefined) => BackgroundRunner;
   metrics?: MetricsSink;
 }
 
@@ -115,62 +105,6 @@ function fetchErrorKind(err: unknown): string {
   return 'other';
 }
 
-/**
- * Fetches the missing spans of each added layer into the disk cache after a delay, one span at a
- * time (the stand-in until fs/background.ts's BackgroundFetcher is wired in).
- */
-export class SimpleBackground implements BackgroundRunner {
-  private readonly layers = new Map<string, AbortController>();
-  private stopped = false;
-  constructor(
-    private readonly settings: BackgroundSettings,
-    private readonly logger: Logger,
-    private readonly sink: MetricsSink | undefined,
-  ) {}
-
-  add(spans: SpanManager): void {
-    if (this.stopped || this.settings.enabled === false || this.layers.has(spans.layerDigest)) return;
-    const abort = new AbortController();
-    this.layers.set(spans.layerDigest, abort);
-    const signal = abort.signal;
-    const rate = this.settings.rateBytesPerSec ?? Number.POSITIVE_INFINITY;
-    void (async () => {
-      await sleep(this.settings.startDelayMs ?? 10_000, undefined, { signal });
-      for (let id = 0; id < spans.spanCount && !spans.complete; id++) {
-        if (signal.aborted) return;
-        try {
-          const span = spans.index.spans[id]!;
-          if (await spans.fetchToDisk(id)) {
-            this.sink?.backgroundProgress(spans.layerDigest, spans.localSpans, spans.spanCount);
-            const bytes = span.compressedEnd - span.compressedStart;
-            if (Number.isFinite(rate)) await sleep(Math.ceil((bytes / rate) * 1000), undefined, { signal });
-          }
-        } catch (err) {
-          if (signal.aborted) return;
-          this.logger.debug('background fetch of a span failed; going on', { layer: spans.layerDigest, span: id, error: err });
-        }
-      }
-      if (spans.complete) {
-        this.sink?.layerComplete(spans.layerDigest);
-        this.logger.info('layer is complete', { layer: spans.layerDigest, spans: spans.spanCount });
-      }
-    })().catch((err: unknown) => {
-      if (!signal.aborted) this.logger.warn('background fetch stopped', { layer: spans.layerDigest, error: err });
-    });
-  }
-
-  async remove(layerDigest: string): Promise<void> {
-    this.layers.get(layerDigest)?.abort();
-    this.layers.delete(layerDigest);
-  }
-
-  async stop(): Promise<void> {
-    this.stopped = true;
-    for (const a of this.layers.values()) a.abort();
-    this.layers.clear();
-  }
-}
-
 export class FuseManager {
   readonly instance = randomUUID();
   readonly startedAt = new Date().toISOString();
@@ -180,13 +114,14 @@ export class FuseManager {
   private readonly sink: MetricsSink | undefined;
   private readonly memory: LayerFsOptions['memory'];
   private stopping: Promise<void> | undefined;
+  private progressTimer: NodeJS.Timeout | undefined;
 
   private constructor(
     private readonly opts: FuseManagerOptions,
     private readonly server: Server,
     private readonly disk: CompressedSpanStore,
     memory: InflatedSpanCache,
-    private readonly background: BackgroundRunner,
+    private readonly background: BackgroundFetcher,
     sink: MetricsSink | undefined,
   ) {
     this.sink = sink;
@@ -202,6 +137,12 @@ export class FuseManager {
             },
             set: (layer, span, data) => memory.set(layer, span, data),
           };
+    if (sink !== undefined) {
+      this.progressTimer = setInterval(() => {
+        for (const e of this.mounts.values()) sink.backgroundProgress(e.params.layer.digest, e.fs.spans.localSpans, e.fs.spans.spanCount);
+      }, 5000);
+      this.progressTimer.unref();
+    }
   }
 
   /** Opens the caches and serves on `opts.socket`. Rejects when the socket is live (another manager). */
@@ -211,7 +152,14 @@ export class FuseManager {
     await prepareSocketPath(opts.socket);
     const disk = await CompressedSpanStore.open({ dir: `${opts.root}/cache/spans`, maxBytes: opts.diskCacheBytes, logger });
     const memory = new InflatedSpanCache({ maxBytes: opts.memoryCacheBytes });
-    const background = (opts.makeBackground ?? ((s, l, m) => new SimpleBackground(s, l, m)))(opts.background ?? {}, logger, sink);
+    const bg = opts.background ?? {};
+    const background = new BackgroundFetcher({
+      enabled: bg.enabled,
+      rateBytesPerSec: bg.rateBytesPerSec,
+      startDelayMs: bg.startDelayMs,
+      logger,
+      onLayerComplete: (st) => sink?.layerComplete(st.layerDigest),
+    });
     const server = createServer();
     const self = new FuseManager(opts, server, disk, memory, background, sink);
     server.on('connection', (s) => self.serve(s));
@@ -453,9 +401,7 @@ export class FuseManager {
     const e = this.mounts.get(mountpoint);
     if (e === undefined) throw new FuseManagerError('not-found', mountpoint, 'nothing is mounted here by the FUSE manager');
     const spans = e.fs.spans;
-    const bg = this.background.stats?.(e.params.layer.digest) as
-      | { spansFetched?: number; bytesFetched?: number; failures?: number; complete?: boolean }
-      | undefined;
+    const bg = this.background.stats(e.params.layer.digest);
     return {
       mountpoint,
       layerDigest: e.params.layer.digest,
@@ -467,9 +413,7 @@ export class FuseManager {
       reads: spans.counters.reads,
       fuseOps: e.fs.counters.ops,
       fuseErrors: e.fs.counters.errors,
-      ...(bg !== undefined && typeof bg === 'object'
-        ? { background: { spansFetched: bg.spansFetched ?? 0, bytesFetched: bg.bytesFetched ?? 0, failures: bg.failures ?? 0, complete: bg.complete ?? false } }
-        : {}),
+      ...(bg !== undefined ? { background: { spansFetched: bg.spansFetched, bytesFetched: bg.bytesFetched, failures: bg.failures, complete: bg.complete } } : {}),
     };
   }
 
@@ -482,8 +426,10 @@ export class FuseManager {
   stop(): Promise<void> {
     this.stopping ??= (async () => {
       const log = this.opts.logger;
-      await new Promise<void>((resolve) => this.server.close(() => resolve()));
+      if (this.progressTimer !== undefined) clearInterval(this.progressTimer);
+      const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
       for (const s of this.connections) s.destroy();
+      await closed;
       await this.background.stop().catch((err: unknown) => log.warn('background fetcher did not stop cleanly', { error: err }));
       for (const [mountpoint, e] of [...this.mounts]) {
         await this.locked(mountpoint, () => this.takeDown(mountpoint, e)).catch((err: unknown) => log.error('unmount at shutdown failed', { mountpoint, error: err }));

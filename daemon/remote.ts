@@ -486,7 +486,8 @@ export class RemoteSnapshots {
   }
 
   private imageInfo(req: RemoteRequest): Promise<ImageInfo> {
-    const key = `${req.manifestDigest} ${req.indexDigest ?? ''}`;
+    // Per repository: the same manifest pushed to two repositories may be indexed in one only.
+    const key = `${parseReference(req.imageRef).name}@${req.manifestDigest} ${req.indexDigest ?? ''}`;
     const cached = this.images.get(key);
     if (cached !== undefined) {
       // Refresh LRU order; "no index" expires, so an index pushed later is found.
