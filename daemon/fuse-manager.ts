@@ -220,7 +220,16 @@ export class FuseManager {
     sock.on('data', (b: Buffer) => splitter.push(b));
   }
 
+  /** Runs a request; never throws synchronously (a bad request must not take the process down). */
   private dispatch(method: unknown, params: unknown): Promise<unknown> {
+    try {
+      return this.dispatchUnsafe(method, params);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  private dispatchUnsafe(method: unknown, params: unknown): Promise<unknown> {
     if (typeof method !== 'string' || !(METHOD_NAMES as readonly string[]).includes(method)) {
       return Promise.reject(new FuseManagerError('invalid', '', `unknown method ${JSON.stringify(method)} (known: ${METHOD_NAMES.join(', ')})`));
     }

@@ -26,7 +26,13 @@ import * as path from 'node:path';
 import Database from 'better-sqlite3';
 import { status, type ServiceError } from '@grpc/grpc-js';
 import { SnapshotsClient, type ProtoMount } from '../../daemon/grpc-api.js';
+import { connect as netConnect } from 'node:net';
 import { FuseManagerClient } from '../../daemon/fuse-manager-client.js';
+import { FuseManager } from '../../daemon/fuse-manager.js';
+import { FuseManagerError } from '../../daemon/fuse-protocol.js';
+import type { MetricsSink } from '../../daemon/metrics-sink.js';
+import { ArtifactStore } from '../../daemon/store.js';
+import { nullLogger, RegistryClient } from '../../fetcher/index.js';
 import { readZtoc, type LayerIndex } from '../../ztoc/index.js';
 import { httpRequest, startRegistry, registryRequest } from '../helpers/registry.js';
 import { startFaultProxy } from '../helpers/fault-proxy.js';
@@ -121,7 +127,7 @@ t.teardown(async () => {
   for (const h of holders) h.kill('SIGKILL');
   for (const d of daemons) await d.stop().catch(() => undefined);
   // Every FUSE manager these daemons started (also ones a failed test never asked about).
-  for (const socket of [managerSocket, socket4]) await managerHello(socket).catch(() => undefined);
+  for (const socket of [managerSocket, socket4, socket5]) await managerHello(socket).catch(() => undefined);
   // Overlays first (they use the FUSE layers), then the FUSE managers (SIGTERM unmounts), then the rest.
   for (const m of (await mountsUnder(work)).filter((x) => x.fstype === 'overlay').sort((a, b) => b.id - a.id)) await run('umount', ['-l', m.mountpoint]).catch(() => undefined);
   for (const pid of managerPids) {
@@ -699,4 +705,142 @@ t.test('startup sweep: a mount the FUSE manager holds that no snapshot owns is u
   t.same(await mountsUnder(root4), [], 'nothing mounted');
   await t.rejects(access(path.dirname(stray)), 'the startup sweep removed its directory');
   t.same(await managerList(socket4), [], 'the FUSE manager holds nothing');
+});
+
+t.test('the FUSE manager protocol: typed errors across the wire', async (t) => {
+  const c = await FuseManagerClient.connect(socket4);
+  const refused = async (p: Promise<unknown>, kind: string, re: RegExp, what: string): Promise<void> => {
+    try {
+      await p;
+      t.fail(`${what}: expected a ${kind} error`);
+    } catch (e) {
+      const err = e as FuseManagerError;
+      t.ok(err instanceof FuseManagerError, `${what}: a FuseManagerError`);
+      t.equal(err.kind, kind, `${what}: kind ${kind}`);
+      t.match(err.message, re, `${what}: ${err.message}`);
+    }
+  };
+  const layer = { mediaType: big.mediaType, digest: big.digest, size: big.size };
+  const z = { mediaType: 'application/octet-stream', digest: ztocDigest, size: 1 };
+  try {
+    await refused(c.call('nope' as 'hello', {}), 'invalid', /unknown method "nope"/, 'unknown method');
+    await refused(c.call('status', { mountpoint: path.join(root4, 'nothing') }), 'not-found', /nothing is mounted here/, 'status of nothing');
+    await refused(c.call('mount', { mountpoint: 'relative/dir', imageRef, layer, ztoc: z }), 'invalid', /absolute path/, 'relative mountpoint');
+    await refused(c.call('mount', { mountpoint: path.join(work, 'm1'), imageRef, layer: { ...layer, digest: 'sha256:xyz' }, ztoc: z }), 'invalid', /layer\.digest must be a sha256 digest/, 'bad digest');
+    const missing = { ...z, digest: `sha256:${sha256('no such ztoc')}` };
+    await refused(c.call('mount', { mountpoint: path.join(work, 'm2'), imageRef, layer, ztoc: missing }), 'bad-ztoc', new RegExp(`zTOC ${missing.digest}.*cannot fetch it`), 'zTOC not in the registry');
+    await refused(c.call('metrics', {}), 'unsupported', /no metrics sink/, 'metrics without a sink');
+    t.same(await c.call('unmount', { mountpoint: path.join(work, 'm3') }), { unmounted: false, released: 0 }, 'unmount of nothing: nothing done');
+    t.same(await mountsUnder(work + '/m1', work + '/m2'), [], 'nothing mounted by the refused requests');
+  } finally {
+    c.close();
+  }
+  // A line that is not JSON: an error line without an id, and the connection is closed.
+  const answer = await new Promise<string>((resolve, reject) => {
+    const s = netConnect(socket4);
+    let got = '';
+    s.on('data', (b: Buffer) => (got += b.toString()));
+    s.on('close', () => resolve(got));
+    s.on('error', reject);
+    s.write('this is not json\n');
+  });
+  const msg = JSON.parse(answer.trim()) as { id: unknown; error: { kind: string; message: string } };
+  t.equal(msg.id, null, 'no id');
+  t.equal(msg.error.kind, 'invalid');
+  t.match(msg.error.message, /not a JSON object/);
+});
+
+const root5 = path.join(work, 'root5');
+const address5 = path.join(work, 'run', 'soci-ts-5.sock');
+const socket5 = path.join(root5, 'fuse-manager.sock');
+t.test('background fetch in the FUSE manager: every span of the lazy layer becomes local; SIGTERM unmounts', async (t) => {
+  const cfg = path.join(work, 'config5.toml');
+  await writeFile(cfg, `hosts_dir = ""\ndocker_config = ${JSON.stringify(dockerConfig)}\n[background_fetch]\nenabled = true\nstart_delay = 0\nrate = "512MiB"\n`);
+  const { d, c } = await startDaemon(root5, address5, cfg);
+  for (const i of [0, 1]) t.ok((await prepareRemote(c, i)).exists, `layer ${i}: ALREADY_EXISTS`);
+  const [m] = await managerList(socket5);
+  t.ok(m !== undefined, 'the big layer is mounted');
+  const mc = await FuseManagerClient.connect(socket5);
+  let st;
+  try {
+    for (const end = Date.now() + 120_000; Date.now() < end; ) {
+      st = await mc.call('status', { mountpoint: m!.mountpoint });
+      if (st.complete) break;
+      await sleep(200);
+    }
+  } finally {
+    mc.close();
+  }
+  t.ok(st?.complete, 'the layer becomes complete without any read');
+  t.equal(st?.spansLocal, ztoc.spans.length, `all ${ztoc.spans.length} spans local`);
+  t.equal(st?.reads, 0, 'no reads were made');
+  t.ok((st?.background?.spansFetched ?? 0) > 0, `the background fetcher fetched them (${st?.background?.spansFetched})`);
+  const files = new Set<string>();
+  const dir = path.join(root5, 'cache', 'spans');
+  for (const sub of await readdir(dir)) for (const f of await readdir(path.join(dir, sub)).catch(() => [] as string[])) files.add(`sha256:${f}`);
+  t.same(ztoc.ztoc.compressionInfo.spanDigests.filter((x) => !files.has(x)), [], 'every span digest is a file of the disk cache');
+  const log = await readFile(path.join(root5, 'fuse-manager.log'), 'utf8');
+  t.match(log, /"msg":"layer is complete"/, "the FUSE manager's log says so");
+  await d.stop();
+  c.close();
+  const h = await managerHello(socket5);
+  process.kill(h.pid, 'SIGTERM');
+  t.ok(await waitDead(h.pid, 30_000), 'SIGTERM: the FUSE manager exits');
+  t.same(await mountsUnder(root5), [], 'and leaves nothing mounted');
+  await t.rejects(access(socket5), 'its socket is removed');
+});
+
+t.test('metrics sink: the FUSE manager reports FUSE operations, fetched bytes, cache lookups and mount latency; its metrics call renders the sink', async (t) => {
+  const root6 = path.join(work, 'root6');
+  const socket6 = path.join(root6, 'fm.sock');
+  const seen = { ops: new Map<string, number>(), fetched: 0, fetches: 0, memory: 0, disk: 0, mounts: [] as Array<[string, number]>, other: [] as string[] };
+  const sink: MetricsSink = {
+    fuseOp: (op, layer, _ms, ok) => {
+      if (layer === big.digest && ok) seen.ops.set(op, (seen.ops.get(op) ?? 0) + 1);
+    },
+    mountLatency: (layer, ms) => seen.mounts.push([layer, ms]),
+    fetched: (layer, bytes, spans) => {
+      if (layer !== big.digest) return;
+      seen.fetched += bytes;
+      seen.fetches += spans;
+    },
+    cache: (kind) => {
+      if (kind === 'memory') seen.memory++;
+      else if (kind === 'disk') seen.disk++;
+    },
+    fetchError: (layer, kind) => seen.other.push(`fetchError ${layer} ${kind}`),
+    backgroundProgress: () => undefined,
+    layerComplete: () => undefined,
+    layerMode: () => undefined,
+    render: () => `soci_fs_test_fetched_bytes ${seen.fetched}\n`,
+  };
+  const client = new RegistryClient({ hostsDir: '', credentials: { configPath: dockerConfig } });
+  const mgr = await FuseManager.start({ root: root6, socket: socket6, client, store: new ArtifactStore({ root: root6 }), logger: nullLogger, background: { enabled: false }, metrics: sink });
+  try {
+    const mc = await FuseManagerClient.connect(socket6);
+    try {
+      const mp = path.join(root6, 'layer');
+      const zsize = (await registryRequest(reg, `/v2/remote/img/blobs/${ztocDigest}`)).body.length;
+      const m = await mc.call('mount', { mountpoint: mp, imageRef, layer: { mediaType: big.mediaType, digest: big.digest, size: big.size }, ztoc: { mediaType: 'application/octet-stream', digest: ztocDigest, size: zsize } });
+      t.equal(m.spans, ztoc.spans.length, 'mounted');
+      t.same(seen.mounts.map(([l]) => l), [big.digest], 'mount latency reported once, for the layer');
+      proxy.resetStats();
+      const f = lazyFiles[2]!;
+      const data = await readFile(path.join(mp, f.name));
+      t.equal(sha256(data), oracle.get(f.name)!.sha256, `${f.name} reads right from the layer mount`);
+      t.equal(seen.fetched, served(big.digest), `fetched bytes reported = bytes the registry served (${seen.fetched})`);
+      t.ok(seen.fetches >= 1, 'span fetches counted');
+      t.ok((seen.ops.get('read') ?? 0) >= 1 && (seen.ops.get('open') ?? 0) >= 1, `FUSE operations reported (${[...seen.ops].map(([k, v]) => `${k}=${v}`).join(' ')})`);
+      t.ok(seen.memory >= 1, `memory cache lookups reported (${seen.memory})`);
+      t.same(seen.other, [], 'no fetch errors');
+      t.same(await mc.call('metrics', {}), { text: `soci_fs_test_fetched_bytes ${seen.fetched}\n` }, "the metrics call answers the sink's text");
+      const u = await mc.call('unmount', { mountpoint: mp, release: true });
+      t.ok(u.unmounted && u.released <= seen.fetches, `unmounted, its spans released (${u.released})`);
+      t.same(await mountsUnder(root6), [], 'nothing left mounted');
+    } finally {
+      mc.close();
+    }
+  } finally {
+    await mgr.stop();
+  }
 });
