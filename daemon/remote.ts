@@ -64,6 +64,7 @@ const DIGEST_RE = /^sha256:[0-9a-f]{64}$/;
 const NO_INDEX_TTL_MS = 60_000;
 const IMAGE_CACHE_ENTRIES = 64;
 const DOWNLOAD_CONCURRENCY = 3;
+const UNUSED_DOWNLOAD_MS = 10 * 60_000;
 const RECONNECT_MIN_MS = 1000;
 const RECONNECT_MAX_MS = 60_000;
 
@@ -209,11 +210,25 @@ class LayerDownloads {
     return p;
   }
 
-  /** Starts downloading a blob (if not started) for a later `take`. */
+  /** Starts downloading a blob (if not started) for a later `take`; dropped when not taken within 10 minutes. */
   prefetch(repo: Repository, desc: Descriptor): void {
     if (this.started.has(desc.digest) || this.abort.signal.aborted) return;
     this.logger.debug('downloading a layer ahead for local unpacking', { layer: desc.digest });
-    this.started.set(desc.digest, this.start(repo, desc));
+    const p = this.start(repo, desc);
+    this.started.set(desc.digest, p);
+    p.then(
+      (file) => {
+        setTimeout(() => {
+          if (this.started.get(desc.digest) !== p) return;
+          this.started.delete(desc.digest);
+          void rm(file, { force: true });
+          this.logger.debug('a layer downloaded ahead was not used; removed', { layer: desc.digest });
+        }, UNUSED_DOWNLOAD_MS).unref();
+      },
+      () => {
+        if (this.started.get(desc.digest) === p) this.started.delete(desc.digest);
+      },
+    );
   }
 
   /** The downloaded blob's file (the caller owns and removes it): a prefetched one, or a new download. */
