@@ -22,6 +22,7 @@ const CALL_TIMEOUT_MS: Record<MethodName, number> = {
   unmount: 60_000,
   list: 30_000,
   status: 30_000,
+  release: 60_000,
   metrics: 30_000,
 };
 
@@ -83,11 +84,12 @@ export class FuseManagerClient {
   call<M extends MethodName>(method: M, params: Methods[M]['params']): Promise<Methods[M]['result']> {
     if (this.closedFlag) return Promise.reject(new FuseManagerError('unavailable', this.socketPath, 'the connection to the FUSE manager is closed'));
     const id = this.nextId++;
+    const ms = (CALL_TIMEOUT_MS as Record<string, number | undefined>)[method] ?? 30_000;
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
-        reject(new FuseManagerError('unavailable', this.socketPath, `the FUSE manager did not answer ${method} within ${CALL_TIMEOUT_MS[method]} ms`));
-      }, CALL_TIMEOUT_MS[method]);
+        reject(new FuseManagerError('unavailable', this.socketPath, `the FUSE manager did not answer ${method} within ${ms} ms`));
+      }, ms);
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, timer });
       this.sock.write(JSON.stringify({ id, method, params }) + '\n');
     });

@@ -29,6 +29,7 @@ import { isAbsolute } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { FetcherError, type Descriptor, type Logger, type RegistryClient, type Repository } from '../fetcher/index.js';
 import { BackgroundFetcher, CompressedSpanStore, FuseError, InflatedSpanCache, SpanReadError, type LayerFs, type LayerFsOptions } from '../fs/index.js';
+import { readZtoc } from '../ztoc/index.js';
 import { DiscoverError, loadZtoc } from './discover.js';
 import {
   descriptorProblem,
@@ -246,6 +247,11 @@ export class FuseManager {
         return Promise.resolve({ mounts: [...this.mounts.keys()].sort().map((m) => this.describe(m, false)) });
       case 'status':
         return Promise.resolve(this.status(checkMountpoint(p.mountpoint)));
+      case 'release': {
+        const problem = descriptorProblem(p.ztoc, 'ztoc');
+        if (problem !== undefined) throw new FuseManagerError('invalid', '', problem);
+        return this.release(p.ztoc as MountParams['ztoc']);
+      }
       case 'metrics':
         return this.metrics();
     }
@@ -424,6 +430,27 @@ export class FuseManager {
       fuseErrors: e.fs.counters.errors,
       ...(bg !== undefined ? { background: { spansFetched: bg.spansFetched, bytesFetched: bg.bytesFetched, failures: bg.failures, complete: bg.complete } } : {}),
     };
+  }
+
+  /** Deletes the unheld spans of a zTOC's layer from the disk cache (see the protocol). */
+  private async release(ztoc: MountParams['ztoc']): Promise<{ released: number }> {
+    let bytes: Uint8Array;
+    try {
+      if (!(await this.opts.store.hasBlob(ztoc.digest))) return { released: 0 };
+      bytes = await this.opts.store.readBlob(ztoc.digest, { size: ztoc.size });
+    } catch (err) {
+      throw new FuseManagerError('bad-ztoc', ztoc.digest, `cannot read the zTOC from the store: ${message(err)}`, { cause: err });
+    }
+    let digests: readonly string[];
+    try {
+      digests = readZtoc(bytes, `zTOC ${ztoc.digest}`).ztoc.compressionInfo.spanDigests;
+    } catch (err) {
+      throw new FuseManagerError('bad-ztoc', ztoc.digest, `malformed: ${message(err)}`, { cause: err });
+    }
+    const unheld = digests.filter((d) => this.disk.holders(d) === 0);
+    const released = await this.disk.deleteMany(unheld);
+    this.opts.logger.info('spans of an unmounted layer released', { ztoc: ztoc.digest, released, held: digests.length - unheld.length });
+    return { released };
   }
 
   private async metrics(): Promise<{ text: string }> {

@@ -15,6 +15,9 @@
  * - `unmount` {@link UnmountParams} → {@link UnmountResult}.
  * - `list` {} → {mounts: ManagedMount[]}.
  * - `status` {mountpoint} → {@link LayerStatus}.
+ * - `release` {ztoc} → {released}: delete from the disk cache the spans of a layer that is not
+ *   mounted (its snapshot was removed while no manager served it), except spans a mount holds;
+ *   the zTOC is read from the artifact store (nothing is released when it is not there).
  * - `metrics` {} → {text}: Prometheus text of the manager's metrics sink (`unsupported` without one).
  */
 
@@ -165,12 +168,13 @@ export interface Methods {
   unmount: { params: UnmountParams; result: UnmountResult };
   list: { params: Record<string, never>; result: { mounts: ManagedMount[] } };
   status: { params: { mountpoint: string }; result: LayerStatus };
+  release: { params: { ztoc: WireDescriptor }; result: { released: number } };
   metrics: { params: Record<string, never>; result: MetricsResult };
 }
 
 export type MethodName = keyof Methods;
 
-export const METHOD_NAMES: readonly MethodName[] = ['hello', 'mount', 'unmount', 'list', 'status', 'metrics'];
+export const METHOD_NAMES: readonly MethodName[] = ['hello', 'mount', 'unmount', 'list', 'status', 'release', 'metrics'];
 
 /**
  * Splits a byte stream into lines, refusing one longer than `max` bytes (then calls `onTooLong`

@@ -675,7 +675,11 @@ export class RemoteSnapshots {
     try {
       const c = await this.manager();
       const r = await c.call('unmount', { mountpoint, release: true });
-      log.info('lazy snapshot removed: layer unmounted', { mountpoint, unmounted: r.unmounted, spansReleased: r.released });
+      let released = r.released;
+      const d = rec.details;
+      // Not mounted (no manager served it when it was removed): release its spans by its zTOC.
+      if (!r.unmounted && d !== undefined) released = (await c.call('release', { ztoc: { mediaType: d.ztocMediaType, digest: d.ztocDigest, size: d.ztocSize } })).released;
+      log.info('lazy snapshot removed: layer unmounted', { mountpoint, unmounted: r.unmounted, spansReleased: released });
     } catch (err) {
       log.warn('cannot unmount the removed lazy snapshot through the FUSE manager; detaching it', { mountpoint, error: err });
     }

@@ -788,6 +788,33 @@ t.test('background fetch in the FUSE manager: every span of the lazy layer becom
   t.ok(await waitDead(h.pid, 30_000), 'SIGTERM: the FUSE manager exits');
   t.same(await mountsUnder(root5), [], 'and leaves nothing mounted');
   await t.rejects(access(socket5), 'its socket is removed');
+
+  // The spans stay on disk; a layer removed while no manager served it is released by its zTOC.
+  const zsize = (await registryRequest(reg, `/v2/remote/img/blobs/${ztocDigest}`)).body.length;
+  const mgr = await FuseManager.start({
+    root: root5,
+    socket: path.join(root5, 'fm2.sock'),
+    client: new RegistryClient({ hostsDir: '', credentials: { configPath: dockerConfig } }),
+    store: new ArtifactStore({ root: root5 }),
+    logger: nullLogger,
+    background: { enabled: false },
+  });
+  try {
+    const mc2 = await FuseManagerClient.connect(path.join(root5, 'fm2.sock'));
+    try {
+      const z = { mediaType: 'application/octet-stream', digest: ztocDigest, size: zsize };
+      const r = await mc2.call('release', { ztoc: z });
+      t.equal(r.released, new Set(ztoc.ztoc.compressionInfo.spanDigests).size, 'release by zTOC deletes every span file of the layer');
+      const left = new Set<string>();
+      for (const sub of await readdir(dir)) for (const f of await readdir(path.join(dir, sub)).catch(() => [] as string[])) left.add(`sha256:${f}`);
+      t.same(ztoc.ztoc.compressionInfo.spanDigests.filter((x) => left.has(x)), [], 'none left in the disk cache');
+      t.same(await mc2.call('release', { ztoc: z }), { released: 0 }, 'a second release finds nothing');
+    } finally {
+      mc2.close();
+    }
+  } finally {
+    await mgr.stop();
+  }
 });
 
 t.test('metrics sink: the FUSE manager reports FUSE operations, fetched bytes, cache lookups and mount latency; its metrics call renders the sink', async (t) => {
