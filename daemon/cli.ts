@@ -10,6 +10,7 @@ import { mountCommands, isMountUserError, ExitCodeError } from './cli-mount.js';
 import { isSnapshotterUserError, snapshotterCommand } from './cli-snapshotter.js';
 import { explainCommand } from './explain.js';
 import { installSystemdCommand, isSystemdUserError } from './systemd.js';
+import { fuseManagerCommand } from './cli-fuse-manager.js';
 import {
   buildZtocFromFile,
   encodeZtoc,
@@ -190,6 +191,7 @@ export function buildProgram(): Command {
   program.addCommand(snapshotterCommand());
   program.addCommand(explainCommand());
   program.addCommand(installSystemdCommand());
+  program.addCommand(fuseManagerCommand(), { hidden: true });
   program
     .command('version')
     .description('print version and the inflate engine in use')

@@ -61,6 +61,7 @@ const SOURCE_TEXT: Record<IndexSource, string> = {
   store: 'the local store',
   v2: "the image's com.amazon.soci.index-digest annotation (a SOCI-enabled image, v2)",
   v1: 'the v1 referrers of the image manifest: referrers API or sha256-<hex> fallback tag',
+  explicit: 'the index digest given explicitly',
 };
 
 function message(err: unknown): string {

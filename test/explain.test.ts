@@ -136,7 +136,7 @@ t.test("the daemon's min_layer_size: from --min-layer-size or the config file", 
     t.match(l.detail, new RegExp(`\\(${l.size} < ${100 << 20} bytes\\)`));
   }
   const cfg = join(work, 'daemon.toml');
-  await writeFile(cfg, 'min_layer_size = "100MiB"\n');
+  await writeFile(cfg, '[snapshotter]\nmin_layer_size = "100MiB"\n');
   const viaConfig = await explainJson(v1.ref, 'root-empty', ['--config', cfg]);
   t.same(viaConfig.layers.map((l) => [l.mode, l.reason]), big.layers.map((l) => [l.mode, l.reason]), 'min_layer_size from the config file');
   const over = await explainJson(v1.ref, 'root-empty', ['--config', cfg, '--min-layer-size', '0']);

@@ -445,9 +445,9 @@ t.test('soci-ts snapshotter serves the endpoint', async (t) => {
   t.throws(() => parseConfig('metrics_address = "nope"\n', 'c.toml'), /c\.toml: key "metrics_address" must be HOST:PORT/);
   t.throws(() => parseConfig('metrics_address = 8000\n', 'c.toml'), /key "metrics_address" must be a string/);
   t.same(parseConfig('metrics_address = ""\n', 'c.toml'), { metricsAddress: '' });
-  t.same(parseConfig('min_layer_size = "10MiB"\n', 'c.toml'), { minLayerSize: 10 << 20 });
-  t.same(parseConfig('min_layer_size = 0\n', 'c.toml'), { minLayerSize: 0 });
-  t.throws(() => parseConfig('min_layer_size = -1\n', 'c.toml'), /key "min_layer_size" must be a whole number of bytes >= 0/);
+  t.same(parseConfig('[snapshotter]\nmin_layer_size = "10MiB"\n', 'c.toml'), { minLayerSize: 10 << 20 });
+  t.same(parseConfig('[snapshotter]\nmin_layer_size = 0\n', 'c.toml'), { minLayerSize: 0 });
+  t.throws(() => parseConfig('[snapshotter]\nmin_layer_size = -1\n', 'c.toml'), /key "snapshotter.min_layer_size" must be a whole number of bytes, at least 0/);
   const bad = await runDaemon(['--root', root, '--address', address, '--metrics-address', 'nonsense']);
   t.equal(bad.code, 1);
   t.match(bad.stderr, /metrics address nonsense: must be HOST:PORT/);
