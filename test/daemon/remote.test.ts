@@ -729,7 +729,10 @@ t.test('the FUSE manager protocol: typed errors across the wire', async (t) => {
     await refused(c.call('mount', { mountpoint: path.join(work, 'm1'), imageRef, layer: { ...layer, digest: 'sha256:xyz' }, ztoc: z }), 'invalid', /layer\.digest must be a sha256 digest/, 'bad digest');
     const missing = { ...z, digest: `sha256:${sha256('no such ztoc')}` };
     await refused(c.call('mount', { mountpoint: path.join(work, 'm2'), imageRef, layer, ztoc: missing }), 'bad-ztoc', new RegExp(`zTOC ${missing.digest}.*cannot fetch it`), 'zTOC not in the registry');
-    await refused(c.call('metrics', {}), 'unsupported', /no metrics sink/, 'metrics without a sink');
+    // The fuse-manager command records into its own prom-client registry: the call answers its exposition.
+    const exposition = (await c.call('metrics', {})).text;
+    t.match(exposition, /# TYPE soci_fs_operation_duration_milliseconds histogram/, 'metrics: the manager answers Prometheus text with upstream names');
+    t.match(exposition, /process="fuse-manager"/, "metrics: the manager's series are labelled process=fuse-manager");
     t.same(await c.call('unmount', { mountpoint: path.join(work, 'm3') }), { unmounted: false, released: 0 }, 'unmount of nothing: nothing done');
     t.same(await mountsUnder(work + '/m1', work + '/m2'), [], 'nothing mounted by the refused requests');
   } finally {
