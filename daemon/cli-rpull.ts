@@ -40,6 +40,8 @@ function terminalProgress(): ((e: RpullEvent) => void) | undefined {
       lastDraw = now;
       const pct = e.total > 0 ? Math.min(100, Math.floor((e.done / e.total) * 100)) : 100;
       process.stderr.write(`\rlayer ${e.index + 1}/${e.count} ${e.digest.slice(7, 19)}: fetching ${pct}% ${mb(e.done)}/${mb(e.total)}\x1b[K`);
+    } else if (e.type === 'layer-applying') {
+      process.stderr.write(`\rlayer ${e.index + 1}/${e.count} ${e.digest.slice(7, 19)}: applying\x1b[K`);
     } else {
       process.stderr.write(`\r${describeLayer(e.layer, e.count)}\x1b[K\n`);
     }

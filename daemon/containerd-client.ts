@@ -329,7 +329,8 @@ export class ContainerdClient {
     const answers = new AnswerQueue(call);
     const onAbort = (): void => call.cancel();
     opts.signal?.addEventListener('abort', onAbort, { once: true });
-    let dataSent = false;
+    // After a STAT that was answered, containerd holds an ingest for `ref`: a failure aborts it.
+    let ingestOpen = false;
     try {
       if (opts.signal?.aborted === true) throw opts.signal.reason ?? new Error('aborted');
       await send(call, { action: 'STAT', ref, total: expected.size, expected: expected.digest });
@@ -340,6 +341,7 @@ export class ContainerdClient {
         if (hasCode(err, grpc.status.ALREADY_EXISTS)) return 'exists';
         throw err;
       }
+      ingestOpen = true;
       let outcome: WriteOutcome = 'committed-without-data';
       let offset = 0;
       if (stat.offset !== expected.size) {
@@ -361,7 +363,6 @@ export class ContainerdClient {
           pending = [];
           pendingBytes = 0;
           await send(call, { action: 'WRITE', offset, data });
-          dataSent = true;
           offset += data.length;
           expectOffsets.push(offset);
           outstanding++;
@@ -402,11 +403,27 @@ export class ContainerdClient {
       return outcome;
     } catch (err) {
       call.cancel();
-      if (dataSent) await this.contentAbort(ref, { timeoutMs: 10_000 }).catch(() => undefined);
+      if (ingestOpen) await this.abortWhenUnlocked(ref);
       if (err instanceof ContainerdApiError || !hasGrpcShape(err)) throw err;
       throw ContainerdApiError.from('Content.Write', subject, err);
     } finally {
       opts.signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /**
+   * Aborts the ingest `ref` of a cancelled write. containerd releases the ref's lock when it
+   * notices the cancellation, which may be a moment later: Abort is retried briefly.
+   */
+  private async abortWhenUnlocked(ref: string): Promise<void> {
+    for (let attempt = 0; attempt < 20; attempt++) {
+      try {
+        await this.contentAbort(ref, { timeoutMs: 10_000 });
+        if ((await this.contentStatus(ref, { timeoutMs: 10_000 })) === undefined) return;
+      } catch {
+        // retried below
+      }
+      await new Promise((r) => setTimeout(r, 50));
     }
   }
 

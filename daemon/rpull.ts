@@ -146,6 +146,7 @@ export interface RpullResult {
 export type RpullEvent =
   | { type: 'layer-start'; index: number; count: number; digest: string; size: number }
   | { type: 'layer-progress'; index: number; count: number; digest: string; done: number; total: number }
+  | { type: 'layer-applying'; index: number; count: number; digest: string }
   | { type: 'layer-done'; index: number; count: number; layer: RpullLayer };
 
 export interface RpullOptions {
@@ -394,6 +395,11 @@ export async function rpull(repo: Repository, opts: RpullOptions): Promise<Rpull
       const sn = await ctd.snapshots(opts.snapshotter);
       const c: Ctx = { ctd, sn, repo, ref, opts, source: distributionSource(ref), fetched: 0, plugin };
       return await pull(c, imageName, started);
+    } catch (err) {
+      if (opts.signal?.aborted === true && !(err instanceof RpullError && err.reason.startsWith('interrupted'))) {
+        throw new RpullError(imageName, 'interrupted', { cause: err });
+      }
+      throw err;
     } finally {
       await base.leaseDelete(leaseId).catch((err: unknown) => opts.logger.warn('could not delete the lease', { lease: leaseId, error: err }));
     }
@@ -590,6 +596,7 @@ async function unpackLayer(
       },
       (done, total) => opts.onEvent?.({ type: 'layer-progress', index: i, count, digest: desc.digest, done, total }),
     );
+    opts.onEvent?.({ type: 'layer-applying', index: i, count, digest: desc.digest });
     const applied = await c.ctd.diffApply(toProto(desc), mounts);
     if (applied.digest !== diffId) throw new RpullError(subject, `wrong diff id calculated on extraction: ${applied.digest}, the config says ${diffId}`);
     try {
@@ -608,6 +615,7 @@ async function unpackLayer(
     return { ...base, outcome: 'applied', blobInStore };
   } catch (err) {
     await removeQuietly(sn, key, log);
+    if (opts.signal?.aborted === true) throw new RpullError(subject, 'interrupted (the extract snapshot was removed)', { cause: err });
     if (err instanceof RpullError) throw err;
     const reason = err instanceof FetcherError ? `fetching the layer failed: ${err.message}` : err instanceof Error ? err.message : String(err);
     throw new RpullError(subject, `${reason} (the extract snapshot was removed)`, { cause: err });
@@ -642,6 +650,10 @@ async function* countBytes(source: AsyncIterable<Uint8Array>, add: (n: number) =
   }
 }
 
+function mb(b: number): string {
+  return b >= 1e6 ? `${(b / 1e6).toFixed(1)} MB` : b >= 1e3 ? `${(b / 1e3).toFixed(1)} kB` : `${b} B`;
+}
+
 /** One line per layer for humans. */
 export function describeLayer(l: RpullLayer, count: number): string {
   const what =
@@ -651,7 +663,7 @@ export function describeLayer(l: RpullLayer, count: number): string {
         ? 'already present'
         : l.blobInStore === true
           ? 'applied (blob already in the content store)'
-          : `fetched (${l.fetchedBytes} bytes) and applied`;
+          : `fetched (${mb(l.fetchedBytes)}) and applied`;
   return `layer ${l.index + 1}/${count} ${short(l.digest)}: ${what}`;
 }
 
@@ -659,7 +671,6 @@ export function describeLayer(l: RpullLayer, count: number): string {
 export function summarize(r: RpullResult): string {
   const n = (o: LayerOutcome): number => r.layers.filter((l) => l.outcome === o).length;
   const parts = [`${n('lazy')} lazy`, `${n('applied')} fetched and applied`, `${n('present')} already present`];
-  const mb = (b: number): string => (b >= 1e6 ? `${(b / 1e6).toFixed(1)} MB` : b >= 1e3 ? `${(b / 1e3).toFixed(1)} kB` : `${b} B`);
   return (
     `${r.image}: ${r.layers.length} layers (${parts.join(', ')}) for snapshotter ${r.snapshotter}` +
     `${r.platform === undefined ? '' : `, ${formatPlatform(r.platform)}`}; image ${r.imageRecord} (${r.target.digest}); ${mb(r.fetchedBytes)} fetched in ${r.seconds} s`

@@ -22,7 +22,9 @@
  *   the index's labels name every manifest as containerd's do, the image record targets it.
  * - A layer blob missing from the registry: exit code 1, one line naming the layer and the
  *   reason; no extract snapshot left (nor any active snapshot in the daemon), no ingest, no
- *   image record.
+ *   image record. A layer blob corrupted on the way (fault proxy flipping a byte): the digest
+ *   mismatch is reported; no ingest (it had megabytes in it; rpull aborts it, and the lease's
+ *   end would let containerd's GC take it too), no layer blob, no extract snapshot, no image.
  * - Errors, one line and exit code 1: no socket, a snapshotter containerd does not have
  *   (naming the proxy plugin block), an image that does not exist, a proxy plugin whose
  *   daemon is not running.
@@ -41,6 +43,7 @@ import { imageLayersLabel, LABEL_CRI_IMAGE_LAYERS, MAX_LABEL_BYTES } from '../..
 import { parseCtrTable, startContainerd, type Containerd } from '../helpers/containerd.js';
 import { defaultImages, pushImage, type BuiltImage, type PushedImage } from '../helpers/images.js';
 import { CommandError, run, type RunResult } from '../helpers/layers.js';
+import { startFaultProxy } from '../helpers/fault-proxy.js';
 import { registryRequest, skopeoCopy, startRegistry, type Registry } from '../helpers/registry.js';
 import { SOCI_TS_BIN, startSnapshotter, type SnapshotterDaemon } from '../helpers/snapshotter.js';
 
@@ -440,16 +443,16 @@ t.test('a manifest list: the platform\'s manifest, labels as containerd\'s, --pl
   t.same((await snapshotsOf('rpull-idx-c', 'soci-ts')).map((s) => s.KEY).sort(), [...chain].sort(), 'its chain IDs');
 });
 
-t.test('a layer blob missing from the registry: clear error, no half snapshot, no image', async (t) => {
-  explainOnFailure(t);
-  const repo = 'soci-ts-rpull/broken';
-  const ns = 'rpull-broken';
-  // An image of small's first layer plus a layer of random bytes nobody else has (so no
-  // namespace of containerd has it either), whose blob is then deleted from the registry.
+/**
+ * Pushes `repo:v1`: small's first layer plus a gzip layer of `bytes` random bytes nobody else
+ * has (so no namespace of containerd has it either); its diff_id is made up (the layer is
+ * never applied: the tests break its download).
+ */
+async function pushWithOddLayer(repo: string, bytes: number): Promise<{ base: BuiltImage['layers'][number]; odd: string }> {
   const base = small.layers[0]!;
   await putBlob(repo, await readFile(base.path));
-  const gone = gzipSync(randomBytes(64 << 10));
-  const goneDigest = await putBlob(repo, gone);
+  const odd = gzipSync(randomBytes(bytes), { level: 0 });
+  const oddDigest = await putBlob(repo, odd);
   const diffIds = [base.diffId, `sha256:${createHash('sha256').update(randomBytes(32)).digest('hex')}`];
   const config = Buffer.from(JSON.stringify({ architecture: architectures().here, os: 'linux', config: {}, rootfs: { type: 'layers', diff_ids: diffIds } }));
   const configDigest = await putBlob(repo, config);
@@ -460,11 +463,19 @@ t.test('a layer blob missing from the registry: clear error, no half snapshot, n
       config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: configDigest, size: config.length },
       layers: [
         { mediaType: base.mediaType, digest: base.digest, size: base.size },
-        { mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', digest: goneDigest, size: gone.length },
+        { mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', digest: oddDigest, size: odd.length },
       ],
     }),
   );
   await putManifest(repo, 'v1', 'application/vnd.oci.image.manifest.v1+json', manifest);
+  return { base, odd: oddDigest };
+}
+
+t.test('a layer blob missing from the registry: clear error, no half snapshot, no image', async (t) => {
+  explainOnFailure(t);
+  const repo = 'soci-ts-rpull/broken';
+  const ns = 'rpull-broken';
+  const { base, odd: goneDigest } = await pushWithOddLayer(repo, 64 << 10);
   const del = await registryRequest(registry, `/v2/${repo}/blobs/${goneDigest}`, { method: 'DELETE' });
   t.equal(del.status, 202, 'the registry deleted the blob');
   t.equal((await registryRequest(registry, `/v2/${repo}/blobs/${goneDigest}`, { method: 'HEAD' })).status, 404, 'and no longer has it');
@@ -501,6 +512,33 @@ t.test('a layer blob missing from the registry: clear error, no half snapshot, n
   t.same(parseCtrTable(await ctrOk(ns, ['content', 'active'])), [], 'no half-written ingest in the content store');
   t.same(await imagesOf(ns), [], 'no image record');
   t.notOk((await contentOf(ns)).has(goneDigest), 'the missing layer is not in the content store');
+});
+
+t.test('a layer blob corrupted on the way: digest mismatch, nothing half-written left', async (t) => {
+  explainOnFailure(t);
+  const repo = 'soci-ts-rpull/corrupt';
+  const ns = 'rpull-corrupt';
+  const { odd } = await pushWithOddLayer(repo, 6 << 20);
+  // Every GET of that blob has one byte flipped, after some megabytes went into containerd.
+  const proxy = await startFaultProxy({
+    upstream: registry.url,
+    seed: 7,
+    rate: 1,
+    faults: ['flip'],
+    match: (method, path) => method === 'GET' && path.endsWith(`/blobs/${odd}`),
+  });
+  t.teardown(() => proxy.close());
+  const r = await sociTs(['rpull', '--address', ctd.address, '--namespace', ns, `${proxy.host}/${repo}:v1`]);
+  t.equal(r.code, 1, 'exit code 1');
+  const err = r.stderr.trimEnd();
+  t.notOk(err.includes('\n'), `one line: ${err}`);
+  t.match(err, new RegExp(`layer 2/2 \\(${odd}\\)`), 'names the layer');
+  t.match(err, /digest/, 'says the digest did not match');
+  t.ok(proxy.stats.faults.flip >= 1, `the proxy corrupted ${proxy.stats.faults.flip} download(s)`);
+  t.same(parseCtrTable(await ctrOk(ns, ['content', 'active'])), [], 'no half-written ingest left');
+  t.notOk((await contentOf(ns)).has(odd), 'the layer is not in the content store');
+  t.same((await snapshotsOf(ns, 'soci-ts')).filter((s) => s.KIND !== 'Committed'), [], 'no extract snapshot left');
+  t.same(await imagesOf(ns), [], 'no image record');
 });
 
 t.test('errors: one line, exit code 1', async (t) => {
