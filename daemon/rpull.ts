@@ -288,7 +288,7 @@ function short(digest: string): string {
 /** Fails with a clear RpullError unless a containerd answers on `address`. */
 async function checkSocket(address: string): Promise<void> {
   const path = address.startsWith('unix:') ? address.slice('unix:'.length) : address;
-  let st;
+  let st: Awaited<ReturnType<typeof stat>>;
   try {
     st = await stat(path);
   } catch (err) {
