@@ -90,9 +90,11 @@ export function rpullCommand(): Command {
   cmd.addHelpText(
     'after',
     `
-Per layer: "lazy" (the snapshotter answered Prepare with ALREADY_EXISTS: it serves the layer
-itself), "fetched and applied" (blob streamed into containerd's content store, applied by
-containerd's differ, committed), or "already present" (the chain ID's snapshot exists).
+Per layer: "lazy" (the snapshotter answered Prepare with ALREADY_EXISTS and mounted the layer
+lazily), "local" (ALREADY_EXISTS, but the snapshotter fetched and unpacked the layer itself, as
+for an indexed image's small layers), "fetched and applied" (blob streamed into containerd's
+content store, applied by containerd's differ, committed), or "already present" (the chain
+ID's snapshot exists).
 Afterwards \`ctr run --snapshotter soci-ts REF ID CMD\` runs the image.`,
   );
   cmd.action(async (refText: string, opts: Flags) => {

@@ -60,7 +60,7 @@ import {
   MEDIA_TYPE_OCI_INDEX,
 } from '../fetcher/index.js';
 import { ContainerdApiError, ContainerdClient, hasCode, type ContentInfo, type PluginRecord, type ProtoDescriptor } from './containerd-client.js';
-import type { SnapshotsClient, ProtoMount } from './grpc-api.js';
+import type { SnapshotsClient, ProtoInfo, ProtoMount } from './grpc-api.js';
 import { createHash } from 'node:crypto';
 
 export const DEFAULT_CONTAINERD_ADDRESS = '/run/containerd/containerd.sock';
@@ -74,6 +74,8 @@ export const LABEL_CRI_LAYER_DIGEST = 'containerd.io/snapshot/cri.layer-digest';
 export const LABEL_CRI_IMAGE_LAYERS = 'containerd.io/snapshot/cri.image-layers';
 export const LABEL_UNCOMPRESSED = 'containerd.io/uncompressed';
 export const LABEL_GC_EXPIRE = 'containerd.io/gc.expire';
+/** What a remote snapshotter (upstream soci, ours) sets on a snapshot it mounted lazily. */
+export const LABEL_REMOTE_SNAPSHOT = 'containerd.io/snapshot/remote';
 const LABEL_DISTRIBUTION_SOURCE = 'containerd.io/distribution.source';
 const INHERITED_LABEL_PREFIX = 'containerd.io/snapshot/';
 /** containerd's limit on a label's key plus value (labels.Validate). */
@@ -101,13 +103,16 @@ export class RpullError extends Error {
 // Results
 
 /**
- * - `lazy`: the snapshotter answered Prepare with ALREADY_EXISTS (it mounted the layer itself);
- *   nothing fetched or applied by rpull.
+ * - `lazy`: the snapshotter answered Prepare with ALREADY_EXISTS and marked the snapshot
+ *   `containerd.io/snapshot/remote` (it mounted the layer lazily); nothing fetched or applied
+ *   by rpull.
+ * - `local`: the snapshotter answered ALREADY_EXISTS without that mark: it fetched and
+ *   unpacked the layer itself (an indexed image's layer without a zTOC, as upstream does).
  * - `applied`: rpull put the blob in the content store (or found it there), applied it with
  *   containerd's differ and committed the snapshot.
  * - `present`: a committed snapshot of this chain ID was already there.
  */
-export type LayerOutcome = 'lazy' | 'applied' | 'present';
+export type LayerOutcome = 'lazy' | 'local' | 'applied' | 'present';
 
 export interface RpullLayer {
   index: number;
@@ -513,12 +518,11 @@ async function createOrUpdateImage(ctd: ContainerdClient, image: { name: string;
   }
 }
 
-async function snapshotExists(sn: SnapshotsClient, key: string): Promise<boolean> {
+async function snapshotInfo(sn: SnapshotsClient, key: string): Promise<ProtoInfo | undefined> {
   try {
-    await sn.stat(key);
-    return true;
+    return await sn.stat(key);
   } catch (err) {
-    if (hasCode(err, GrpcStatus.NOT_FOUND)) return false;
+    if (hasCode(err, GrpcStatus.NOT_FOUND)) return undefined;
     throw ContainerdApiError.from('Snapshots.Stat', key, err);
   }
 }
@@ -546,7 +550,7 @@ async function unpackLayer(
   opts.onEvent?.({ type: 'layer-start', index: i, count, digest: desc.digest, size: desc.size });
   const log = opts.logger.child({ layer: desc.digest, chainId });
 
-  if (await snapshotExists(sn, chainId)) {
+  if ((await snapshotInfo(sn, chainId)) !== undefined) {
     log.debug('layer snapshot already present');
     return { ...base, outcome: 'present' };
   }
@@ -571,9 +575,11 @@ async function unpackLayer(
       mounts = await sn.prepare(key, parent, labels);
     } catch (err) {
       if (!hasCode(err, GrpcStatus.ALREADY_EXISTS)) throw prepareError(c, subject, key, err);
-      if (await snapshotExists(sn, chainId)) {
-        log.info('the snapshotter served the layer (remote snapshot)', { key });
-        return { ...base, outcome: 'lazy' };
+      const served = await snapshotInfo(sn, chainId);
+      if (served !== undefined) {
+        const lazy = served.labels[LABEL_REMOTE_SNAPSHOT] !== undefined;
+        log.info(lazy ? 'the snapshotter mounted the layer lazily (remote snapshot)' : 'the snapshotter fetched and unpacked the layer itself', { key });
+        return { ...base, outcome: lazy ? 'lazy' : 'local' };
       }
       log.debug('extraction snapshot already exists, chain id not found; trying again', { key });
     }
@@ -658,8 +664,10 @@ function mb(b: number): string {
 export function describeLayer(l: RpullLayer, count: number): string {
   const what =
     l.outcome === 'lazy'
-      ? 'lazy (served by the snapshotter)'
-      : l.outcome === 'present'
+      ? 'lazy (mounted by the snapshotter)'
+      : l.outcome === 'local'
+        ? 'local (fetched and unpacked by the snapshotter)'
+        : l.outcome === 'present'
         ? 'already present'
         : l.blobInStore === true
           ? 'applied (blob already in the content store)'
@@ -670,7 +678,7 @@ export function describeLayer(l: RpullLayer, count: number): string {
 /** The final one-line summary. */
 export function summarize(r: RpullResult): string {
   const n = (o: LayerOutcome): number => r.layers.filter((l) => l.outcome === o).length;
-  const parts = [`${n('lazy')} lazy`, `${n('applied')} fetched and applied`, `${n('present')} already present`];
+  const parts = [`${n('lazy')} lazy`, ...(n('local') > 0 ? [`${n('local')} unpacked by the snapshotter`] : []), `${n('applied')} fetched and applied`, `${n('present')} already present`];
   return (
     `${r.image}: ${r.layers.length} layers (${parts.join(', ')}) for snapshotter ${r.snapshotter}` +
     `${r.platform === undefined ? '' : `, ${formatPlatform(r.platform)}`}; image ${r.imageRecord} (${r.target.digest}); ${mb(r.fetchedBytes)} fetched in ${r.seconds} s`

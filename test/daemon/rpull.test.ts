@@ -104,7 +104,7 @@ interface JsonLayer {
   size: number;
   diffId: string;
   chainId: string;
-  outcome: 'lazy' | 'applied' | 'present';
+  outcome: 'lazy' | 'local' | 'applied' | 'present';
   fetchedBytes: number;
   blobInStore?: boolean;
 }
