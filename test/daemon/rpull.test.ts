@@ -122,15 +122,15 @@ interface JsonResult {
   layers: JsonLayer[];
 }
 
-async function rpullJson(t: Test, ns: string, ref: string, extra: readonly string[] = []): Promise<JsonResult> {
-  const r = await sociTs(['rpull', '--address', ctd.address, '--namespace', ns, '--json', ...extra, ref]);
+async function rpullJson(t: Test, ns: string, ref: string, extra: readonly string[] = [], c: Containerd = ctd): Promise<JsonResult> {
+  const r = await sociTs(['rpull', '--address', c.address, '--namespace', ns, '--json', ...extra, ref]);
   if (r.code !== 0) throw new Error(`rpull ${ref} failed (${r.code}): ${r.stderr}`);
   t.equal(r.stderr, '', 'rpull printed nothing on stderr (not a terminal)');
   return JSON.parse(r.stdout) as JsonResult;
 }
 
-async function ctrIn(ns: string, args: readonly string[]): Promise<RunResult> {
-  const global = ['--address', ctd.address, '--namespace', ns, '--connect-timeout', '10s', '--timeout', '300s'];
+async function ctrIn(ns: string, args: readonly string[], c: Containerd = ctd): Promise<RunResult> {
+  const global = ['--address', c.address, '--namespace', ns, '--connect-timeout', '10s', '--timeout', '300s'];
   try {
     return await run('ctr', [...global, ...args]);
   } catch (e) {
@@ -139,8 +139,8 @@ async function ctrIn(ns: string, args: readonly string[]): Promise<RunResult> {
   }
 }
 
-async function ctrOk(ns: string, args: readonly string[]): Promise<string> {
-  const r = await ctrIn(ns, args);
+async function ctrOk(ns: string, args: readonly string[], c: Containerd = ctd): Promise<string> {
+  const r = await ctrIn(ns, args, c);
   if (r.code !== 0) throw new Error(`ctr -n ${ns} ${args.join(' ')} failed (${r.code}): ${r.stderr}`);
   return r.stdout;
 }
@@ -149,9 +149,9 @@ async function ctrOk(ns: string, args: readonly string[]): Promise<string> {
 // What containerd holds, through ctr
 
 /** `ctr content ls`: digest → labels (ctr prints `k=v` joined by commas; a value may hold commas). */
-async function contentOf(ns: string): Promise<Map<string, Record<string, string>>> {
+async function contentOf(ns: string, c: Containerd = ctd): Promise<Map<string, Record<string, string>>> {
   const out = new Map<string, Record<string, string>>();
-  const lines = (await ctrOk(ns, ['content', 'ls'])).split('\n').slice(1).filter((l) => l.trim() !== '');
+  const lines = (await ctrOk(ns, ['content', 'ls'], c)).split('\n').slice(1).filter((l) => l.trim() !== '');
   for (const line of lines) {
     const cells = line.split('\t').filter((c) => c !== '');
     const digest = cells[0]!;
@@ -184,12 +184,12 @@ function neutral(content: Map<string, Record<string, string>>, snapshotter: stri
   return out;
 }
 
-async function snapshotsOf(ns: string, snapshotter: string): Promise<Record<string, string>[]> {
-  return parseCtrTable(await ctrOk(ns, ['snapshots', '--snapshotter', snapshotter, 'ls'])).sort((a, b) => (a.KEY ?? '').localeCompare(b.KEY ?? ''));
+async function snapshotsOf(ns: string, snapshotter: string, c: Containerd = ctd): Promise<Record<string, string>[]> {
+  return parseCtrTable(await ctrOk(ns, ['snapshots', '--snapshotter', snapshotter, 'ls'], c)).sort((a, b) => (a.KEY ?? '').localeCompare(b.KEY ?? ''));
 }
 
-async function imagesOf(ns: string): Promise<Record<string, string>[]> {
-  return parseCtrTable(await ctrOk(ns, ['images', 'ls']));
+async function imagesOf(ns: string, c: Containerd = ctd): Promise<Record<string, string>[]> {
+  return parseCtrTable(await ctrOk(ns, ['images', 'ls'], c));
 }
 
 // ---------------------------------------------------------------------------------------
