@@ -333,11 +333,16 @@ t.test('rpull: image record, content, labels and snapshots as containerd\'s own 
   t.same(leases, [], 'the pull\'s lease is gone');
 });
 
+let unpacked: Promise<string> | undefined;
+/** umoci unpack of multi (once): its rootfs. */
+function umociRootfs(): Promise<string> {
+  unpacked ??= run('umoci', ['unpack', '--image', `${multi.layoutDir}:${multi.tag}`, join(dir, 'bundle')]).then(() => join(dir, 'bundle', 'rootfs'));
+  return unpacked;
+}
+
 t.test('ctr run on the rpulled image sees exactly the files of umoci unpack', async (t) => {
   explainOnFailure(t);
-  const bundle = join(dir, 'bundle');
-  await run('umoci', ['unpack', '--image', `${multi.layoutDir}:${multi.tag}`, bundle]);
-  const want = await treeSums(join(bundle, 'rootfs'));
+  const want = await treeSums(await umociRootfs());
   t.ok(want.size > 1000, `the oracle has ${want.size} regular files`);
   const id = `soci-ts-rpull-${process.pid}-${++containerSeq}`;
   const got = parseSums(await ctrOk(NS, ['run', '--rm', '--snapshotter', 'soci-ts', pushed.ref, id, 'sh', '-c', 'find / -xdev -type f -exec sha256sum {} +']));
