@@ -28,17 +28,23 @@
  * - Errors, one line and exit code 1: no socket, a snapshotter containerd does not have
  *   (naming the proxy plugin block), an image that does not exist, a proxy plugin whose
  *   daemon is not running.
+ * - An image indexed with `bin/soci-ts create --push` (a containerd and snapshotter of its
+ *   own): every layer answered ALREADY_EXISTS, the zTOC-covered one lazy (labelled
+ *   `containerd.io/snapshot/remote`), the small ones unpacked by the snapshotter; no layer
+ *   blob in the content store, nothing fetched by rpull but manifest and config; the chain
+ *   committed; `ctr run` sees exactly umoci unpack's files; a second rpull: all present.
  * - CRI's image-layers label is cut before 4096 bytes as containerd's getLayers does (pure).
  */
 import t, { type Test } from 'tap';
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { gzipSync } from 'node:zlib';
 import { SnapshotsClient } from '../../daemon/grpc-api.js';
+import { FuseManagerClient } from '../../daemon/fuse-manager-client.js';
 import { imageLayersLabel, LABEL_CRI_IMAGE_LAYERS, MAX_LABEL_BYTES } from '../../daemon/rpull.js';
 import { parseCtrTable, startContainerd, type Containerd } from '../helpers/containerd.js';
 import { defaultImages, pushImage, type BuiltImage, type PushedImage } from '../helpers/images.js';
@@ -70,8 +76,12 @@ t.before(async () => {
 t.teardown(async () => {
   await ctd?.stop();
   await daemon?.stop();
+  if (dir !== undefined) {
+    await stopFuseManager(join(dir, 'soci-root'));
+    await unmountUnder(dir);
+  }
   await registry?.stop();
-  if (dir !== undefined) await rm(dir, { recursive: true, force: true });
+  if (dir !== undefined) await run('rm', ['-rf', '--one-file-system', '--', dir]).catch(() => undefined);
 });
 
 function explainOnFailure(t: Test): void {
@@ -576,6 +586,113 @@ t.test('errors: one line, exit code 1', async (t) => {
   t.notOk(d.stderr.trimEnd().includes('\n'), 'one line');
   const lonelyImages = await run('ctr', ['--address', lonely.address, '--namespace', 'rpull-err', 'images', 'ls']);
   t.same(parseCtrTable(lonelyImages.stdout), [], 'no image record');
+});
+
+/**
+ * The FUSE manager a snapshotter started for its lazy layers outlives it by design: SIGTERM it
+ * (it unmounts its layers), SIGKILL after 20 s.
+ */
+async function stopFuseManager(root: string): Promise<void> {
+  let pid: number;
+  try {
+    const c = await FuseManagerClient.connect(join(root, 'fuse-manager.sock'));
+    try {
+      pid = (await c.hello()).pid;
+    } finally {
+      c.close();
+    }
+  } catch {
+    return; // never started
+  }
+  const alive = (): boolean => {
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  process.kill(pid, 'SIGTERM');
+  for (const end = Date.now() + 20_000; alive() && Date.now() < end; ) await new Promise((r) => setTimeout(r, 100));
+  if (alive()) process.kill(pid, 'SIGKILL');
+}
+
+/** Lazily unmounts whatever is still mounted at or under `root`, deepest first. */
+async function unmountUnder(root: string): Promise<void> {
+  const mounts = (await readFile('/proc/self/mountinfo', 'utf8'))
+    .split('\n')
+    .map((l) => (l.split(' ')[4] ?? '').replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))))
+    .filter((m) => m === root || m.startsWith(root + '/'))
+    .sort((a, b) => b.length - a.length);
+  for (const m of mounts) await run('umount', ['-l', m]).catch(() => undefined);
+}
+
+t.test('an indexed image: every layer served by the snapshotter, no layer blob in the content store, ctr run works', async (t) => {
+  // A containerd and snapshotter of its own: containerd links a snapshot a remote snapshotter
+  // answered ALREADY_EXISTS for to any committed snapshot of the backend with the same
+  // snapshot.ref and parent, in any namespace, so the other tests' applied snapshots of the
+  // same layers would stand in for the lazy ones.
+  const root2 = join(dir, 'lazy-root');
+  const address2 = join(dir, 'lazy.sock');
+  const daemon2 = await startSnapshotter({ root: root2, address: address2 });
+  const ctd2 = await startContainerd({ proxyPlugins: [{ name: 'soci-ts', address: address2 }] });
+  t.teardown(async () => {
+    await ctd2.stop();
+    await daemon2.stop();
+    await stopFuseManager(root2);
+    await unmountUnder(root2);
+  });
+  t.teardown(() => {
+    if (!t.passing()) {
+      t.comment(`containerd log (tail):\n${ctd2.logs().slice(-4000)}`);
+      t.comment(`daemon log (tail):\n${daemon2.logs().slice(-6000)}`);
+    }
+  });
+
+  const repo = 'soci-ts-rpull/indexed';
+  const ns = 'rpull-lazy';
+  const p = await pushImage(multi.layoutDir, multi.tag, registry, repo);
+  const created = await sociTs(['create', '--push', '--root', join(dir, 'create-store'), '--json', p.ref]);
+  t.equal(created.code, 0, `soci-ts create --push ${created.stderr.trim()}`);
+  const made = JSON.parse(created.stdout) as { indexes: { layers: { digest: string; ztoc?: string }[] }[] };
+  const indexed = new Set(made.indexes[0]!.layers.filter((l) => l.ztoc !== undefined).map((l) => l.digest));
+  t.ok(indexed.size >= 1, `${indexed.size} layer(s) have a zTOC (the others are below the minimum layer size)`);
+
+  const r = await rpullJson(t, ns, p.ref, [], ctd2);
+  const chain = await chainIdsOf(multi);
+  t.same(
+    r.layers.map((l) => [l.digest, l.chainId, l.outcome, l.fetchedBytes]),
+    p.layers.map((l, i) => [l.digest, chain[i], indexed.has(l.digest) ? 'lazy' : 'local', 0]),
+    'ALREADY_EXISTS for every layer: lazy where a zTOC covers it, unpacked by the snapshotter otherwise; rpull fetched none',
+  );
+  t.equal(r.fetchedBytes, p.manifestBytes.length + (await readFile(join(multi.layoutDir, 'blobs', 'sha256', multi.configDigest.slice(7)))).length, 'rpull read only the manifest and config');
+  const content = await contentOf(ns, ctd2);
+  t.same([...content.keys()].sort(), [p.manifestDigest, multi.configDigest].sort(), 'ctr content ls: manifest and config, no layer blob');
+  const m = content.get(p.manifestDigest)!;
+  t.same(
+    p.layers.map((_, i) => m[`containerd.io/gc.ref.content.l.${i}`]),
+    p.layers.map((l) => l.digest),
+    'the manifest references its layers all the same, as containerd\'s pull labels it',
+  );
+  t.equal(content.get(multi.configDigest)!['containerd.io/gc.ref.snapshot.soci-ts'], chain[3], 'config → top snapshot');
+  t.same(
+    await snapshotsOf(ns, 'soci-ts', ctd2),
+    chain.map((k, i) => ({ KEY: k, PARENT: i === 0 ? '' : chain[i - 1]!, KIND: 'Committed' })).sort((a, b) => a.KEY.localeCompare(b.KEY)),
+    'the committed chain, as if containerd had applied the layers',
+  );
+  for (const [i, k] of chain.entries()) {
+    const info = JSON.parse(await ctrOk(ns, ['snapshots', '--snapshotter', 'soci-ts', 'info', k], ctd2)) as { Labels?: Record<string, string> };
+    t.equal(info.Labels?.['containerd.io/snapshot/remote'], indexed.has(p.layers[i]!.digest) ? 'remote snapshot' : undefined, `layer ${i}: the remote label as served`);
+  }
+
+  const want = await treeSums(await umociRootfs());
+  const id = `soci-ts-rpull-${process.pid}-${++containerSeq}`;
+  const got = parseSums(await ctrOk(ns, ['run', '--rm', '--snapshotter', 'soci-ts', p.ref, id, 'sh', '-c', 'find / -xdev -type f -exec sha256sum {} +'], ctd2));
+  t.equal(got.size, want.size, 'ctr run: as many regular files as umoci unpack');
+  t.same([...want].filter(([f, h]) => got.get(f) !== h).map(([f]) => f), [], 'every file has the content of the image, lazy layers included');
+
+  const again = await rpullJson(t, ns, p.ref, [], ctd2);
+  t.same(again.layers.map((l) => l.outcome), p.layers.map(() => 'present'), 'a second rpull: all present');
 });
 
 t.test('cri.image-layers stops before key + value exceed 4096 bytes (containerd getLayers)', async (t) => {
