@@ -44,14 +44,13 @@ import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { gzipSync } from 'node:zlib';
 import { SnapshotsClient } from '../../daemon/grpc-api.js';
-import { FuseManagerClient } from '../../daemon/fuse-manager-client.js';
 import { imageLayersLabel, LABEL_CRI_IMAGE_LAYERS, MAX_LABEL_BYTES } from '../../daemon/rpull.js';
 import { parseCtrTable, startContainerd, type Containerd } from '../helpers/containerd.js';
 import { defaultImages, pushImage, type BuiltImage, type PushedImage } from '../helpers/images.js';
 import { CommandError, run, type RunResult } from '../helpers/layers.js';
 import { startFaultProxy } from '../helpers/fault-proxy.js';
 import { registryRequest, skopeoCopy, startRegistry, type Registry } from '../helpers/registry.js';
-import { SOCI_TS_BIN, startSnapshotter, type SnapshotterDaemon } from '../helpers/snapshotter.js';
+import { sociTs, startSnapshotter, stopFuseManager, unmountUnder, type SnapshotterDaemon } from '../helpers/snapshotter.js';
 
 let dir: string;
 let registry: Registry;
@@ -95,18 +94,6 @@ function explainOnFailure(t: Test): void {
 
 // ---------------------------------------------------------------------------------------
 // Running things
-
-/** bin/soci-ts with its result whatever the exit code (without the test runner's loaders). */
-async function sociTs(args: readonly string[]): Promise<RunResult> {
-  const env = { ...process.env };
-  delete env.NODE_OPTIONS;
-  try {
-    return await run(SOCI_TS_BIN, args, { env, okCodes: [0, 1, 2] });
-  } catch (e) {
-    if (e instanceof CommandError) return { code: e.code ?? -1, stdout: '', stderr: e.stderr };
-    throw e;
-  }
-}
 
 interface JsonLayer {
   digest: string;
@@ -587,45 +574,6 @@ t.test('errors: one line, exit code 1', async (t) => {
   const lonelyImages = await run('ctr', ['--address', lonely.address, '--namespace', 'rpull-err', 'images', 'ls']);
   t.same(parseCtrTable(lonelyImages.stdout), [], 'no image record');
 });
-
-/**
- * The FUSE manager a snapshotter started for its lazy layers outlives it by design: SIGTERM it
- * (it unmounts its layers), SIGKILL after 20 s.
- */
-async function stopFuseManager(root: string): Promise<void> {
-  let pid: number;
-  try {
-    const c = await FuseManagerClient.connect(join(root, 'fuse-manager.sock'));
-    try {
-      pid = (await c.hello()).pid;
-    } finally {
-      c.close();
-    }
-  } catch {
-    return; // never started
-  }
-  const alive = (): boolean => {
-    try {
-      process.kill(pid, 0);
-      return true;
-    } catch {
-      return false;
-    }
-  };
-  process.kill(pid, 'SIGTERM');
-  for (const end = Date.now() + 20_000; alive() && Date.now() < end; ) await new Promise((r) => setTimeout(r, 100));
-  if (alive()) process.kill(pid, 'SIGKILL');
-}
-
-/** Lazily unmounts whatever is still mounted at or under `root`, deepest first. */
-async function unmountUnder(root: string): Promise<void> {
-  const mounts = (await readFile('/proc/self/mountinfo', 'utf8'))
-    .split('\n')
-    .map((l) => (l.split(' ')[4] ?? '').replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))))
-    .filter((m) => m === root || m.startsWith(root + '/'))
-    .sort((a, b) => b.length - a.length);
-  for (const m of mounts) await run('umount', ['-l', m]).catch(() => undefined);
-}
 
 t.test('an indexed image: every layer served by the snapshotter, no layer blob in the content store, ctr run works', async (t) => {
   // A containerd and snapshotter of its own: containerd links a snapshot a remote snapshotter

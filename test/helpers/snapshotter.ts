@@ -13,7 +13,8 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { SnapshotsClient } from '../../daemon/grpc-api.js';
-import { FixtureError } from './layers.js';
+import { FuseManagerClient } from '../../daemon/fuse-manager-client.js';
+import { CommandError, FixtureError, run, type RunResult } from './layers.js';
 
 /** bin/soci-ts of this checkout (dist/test/helpers → ../../../bin). */
 export const SOCI_TS_BIN = fileURLToPath(new URL('../../../bin/soci-ts', import.meta.url));
@@ -176,4 +177,60 @@ export async function startSnapshotter(opts: StartSnapshotterOptions): Promise<S
     }
     await sleep(100);
   }
+}
+
+/** bin/soci-ts with its result whatever the exit code 0–2 (without the test runner's loaders). */
+export async function sociTs(args: readonly string[], opts: { env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
+  const env = { ...process.env, ...opts.env };
+  delete env.NODE_OPTIONS;
+  try {
+    return await run(SOCI_TS_BIN, args, { env, okCodes: [0, 1, 2] });
+  } catch (e) {
+    if (e instanceof CommandError) return { code: e.code ?? -1, stdout: '', stderr: e.stderr };
+    throw e;
+  }
+}
+
+/** The pid of the FUSE manager serving `<root>/fuse-manager.sock`, or undefined when none answers. */
+export async function fuseManagerPid(root: string): Promise<number | undefined> {
+  try {
+    const c = await FuseManagerClient.connect(path.join(root, 'fuse-manager.sock'));
+    try {
+      return (await c.hello()).pid;
+    } finally {
+      c.close();
+    }
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The FUSE manager a snapshotter started for its lazy layers outlives it by design: SIGTERM it
+ * (it unmounts its layers), SIGKILL after 20 s.
+ */
+export async function stopFuseManager(root: string): Promise<void> {
+  const pid = await fuseManagerPid(root);
+  if (pid === undefined) return; // never started
+  const alive = (): boolean => {
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  process.kill(pid, 'SIGTERM');
+  for (const end = Date.now() + 20_000; alive() && Date.now() < end; ) await sleep(100);
+  if (alive()) process.kill(pid, 'SIGKILL');
+}
+
+/** Lazily unmounts whatever is still mounted at or under `root`, deepest first. */
+export async function unmountUnder(root: string): Promise<void> {
+  const mounts = (await fsp.readFile('/proc/self/mountinfo', 'utf8'))
+    .split('\n')
+    .map((l) => (l.split(' ')[4] ?? '').replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))))
+    .filter((m) => m === root || m.startsWith(root + '/'))
+    .sort((a, b) => b.length - a.length);
+  for (const m of mounts) await run('umount', ['-l', m]).catch(() => undefined);
 }
