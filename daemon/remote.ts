@@ -496,7 +496,8 @@ export class RemoteSnapshots {
         this.log.warn('cannot record the layer mode', { layer: req.layerDigest, error: e });
       }
     }
-    this.sink?.layerMode(req.layerDigest, mode, reason);
+    // The metric carries a short stable code (bounded label values); the sentence goes to the log and metadata.
+    this.sink?.layerMode(req.layerDigest, mode, reasonCode(mode, reason));
     return rec;
   }
 
@@ -738,4 +739,16 @@ export class RemoteSnapshots {
     this.client?.close();
     this.client = undefined;
   }
+}
+
+/** The short code (daemon/metrics.ts LayerModeReason) for a mode and the sentence that explains it. */
+export function reasonCode(mode: LayerModeName, reason: string): string {
+  if (mode === 'lazy') return 'ztoc';
+  if (mode === 'local') return /smaller than min_layer_size/.test(reason) ? 'below-min-size' : /has no zTOC/.test(reason) ? 'no-ztoc' : 'bad-ztoc';
+  if (/^no SOCI index/.test(reason)) return 'no-index';
+  if (/zstd/i.test(reason)) return 'zstd';
+  if (/FUSE manager is unavailable|\/dev\/fuse|FUSE/.test(reason)) return 'fuse-unavailable';
+  if (/\b(401|403)\b|unauthori[sz]ed|denied|credentials/i.test(reason)) return 'auth';
+  if (/SOCI index discovery failed|zTOC|index/.test(reason)) return 'bad-index';
+  return 'registry-error';
 }
