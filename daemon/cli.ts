@@ -8,6 +8,7 @@ import { parseCount, parseSize, printTable, progress, UsageError, writeAtomic } 
 import { registryCommands, isRegistryUserError } from './cli-registry.js';
 import { mountCommands, isMountUserError, ExitCodeError } from './cli-mount.js';
 import { isSnapshotterUserError, snapshotterCommand } from './cli-snapshotter.js';
+import { benchCommand, isBenchUserError } from './cli-bench.js';
 import {
   buildZtocFromFile,
   encodeZtoc,
@@ -186,6 +187,7 @@ export function buildProgram(): Command {
   for (const c of registryCommands()) program.addCommand(c);
   for (const c of mountCommands()) program.addCommand(c);
   program.addCommand(snapshotterCommand());
+  program.addCommand(benchCommand());
   program
     .command('version')
     .description('print version and the inflate engine in use')
@@ -197,7 +199,7 @@ export function buildProgram(): Command {
 
 /** Is this error the user's to fix (bad input, missing file) rather than ours? */
 function isUserError(err: unknown): boolean {
-  if (err instanceof UsageError || err instanceof ZtocError || isRegistryUserError(err) || isMountUserError(err) || isSnapshotterUserError(err)) return true;
+  if (err instanceof UsageError || err instanceof ZtocError || isRegistryUserError(err) || isMountUserError(err) || isSnapshotterUserError(err) || isBenchUserError(err)) return true;
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
   return code === 'ENOENT' || code === 'EACCES' || code === 'EISDIR' || code === 'ENOTDIR' || code === 'EPERM';
 }
