@@ -5,7 +5,7 @@
  * or temp dir behind.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { appendFileSync, rmSync } from 'node:fs';
+import { appendFileSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as net from 'node:net';
 
@@ -186,6 +186,42 @@ export async function removeTree(dir: string): Promise<void> {
   await exec('rm', ['-rf', '--one-file-system', '--', dir], { okCodes: [0, 1] }).catch(() => undefined);
 }
 
+/**
+ * Stops the processes naming `path` (or a path under it) in their arguments: SIGTERM, then
+ * SIGKILL for those still there after `graceMs`.
+ */
+export async function stopProcessesMentioning(path: string, graceMs = 5000): Promise<number> {
+  const pids = await pidsMentioning(path);
+  for (const pid of pids) {
+    try {
+      process.kill(pid, 'SIGTERM');
+    } catch {
+      // gone
+    }
+  }
+  const deadline = Date.now() + graceMs;
+  let left = pids;
+  while (left.length > 0 && Date.now() < deadline) {
+    await sleep(100);
+    left = left.filter((pid) => {
+      try {
+        process.kill(pid, 0);
+        return true;
+      } catch {
+        return false;
+      }
+    });
+  }
+  for (const pid of left) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // gone
+    }
+  }
+  return pids.length;
+}
+
 /** Pids of processes with `needle` in one of their arguments (or as a prefix of one). */
 export async function pidsMentioning(needle: string): Promise<number[]> {
   const out: number[] = [];
@@ -226,7 +262,9 @@ export class Cleanup {
     // A shell in its own group, reading a pipe from us: EOF means we are gone.
     const script =
       'read _ignored; ' +
-      'if [ -f "$1/.pgids" ]; then for g in $(cat "$1/.pgids"); do kill -s KILL -- "-$g" 2>/dev/null; done; fi; sleep 1; ' +
+      'if [ -f "$1/.pgids" ]; then for g in $(cat "$1/.pgids"); do kill -s KILL -- "-$g" 2>/dev/null; done; fi; ' +
+      // Processes of their own session that name a path under the dir (the FUSE manager).
+      'for p in /proc/[0-9]*; do n=${p#/proc/}; [ "$n" = "$$" ] && continue; tr "\\0" "\\n" < "$p/cmdline" 2>/dev/null | grep -qF -- "$1/" && kill -s KILL "$n" 2>/dev/null; done; sleep 1; ' +
       'awk -v d="$1" \'$5 == d || index($5, d "/") == 1 { print $5 }\' /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m"; done; ' +
       'rm -rf --one-file-system -- "$1"';
     const w = spawn('sh', ['-c', script, 'soci-ts-coldstart-watchdog', dir], { detached: true, stdio: ['pipe', 'ignore', 'ignore'] });
@@ -283,7 +321,7 @@ export class Cleanup {
     this.watchdog = undefined;
   }
 
-  /** Best effort from the exit hook: kill groups, unmount, remove the dir. */
+  /** Best effort from the exit hook: kill groups and processes naming the dir, unmount, remove the dir. */
   private runSync(): void {
     for (const g of this.groups) {
       try {
@@ -291,6 +329,18 @@ export class Cleanup {
       } catch {
         // gone
       }
+    }
+    try {
+      for (const name of readdirSync('/proc')) {
+        if (!/^\d+$/.test(name) || Number(name) === process.pid || Number(name) === this.watchdog?.pid) continue;
+        try {
+          if (readFileSync(`/proc/${name}/cmdline`, 'utf8').split('\0').some((a) => a.startsWith(this.dir + '/'))) process.kill(Number(name), 'SIGKILL');
+        } catch {
+          // exited meanwhile
+        }
+      }
+    } catch {
+      // no /proc
     }
     try {
       const info = spawnSync('cat', ['/proc/self/mountinfo'], { encoding: 'utf8' }).stdout ?? '';

@@ -33,7 +33,7 @@ import { inflateEngine } from '../../ztoc/index.js';
 import { startContainerd, type Containerd } from '../../test/helpers/containerd.js';
 import { startRegistry, type Registry } from '../../test/helpers/registry.js';
 import { startSnapshotter, type SnapshotterDaemon } from '../../test/helpers/snapshotter.js';
-import { abortable, BenchError, Cleanup, exec, mountsUnder, pidsMentioning, removeTree } from './proc.js';
+import { abortable, BenchError, Cleanup, exec, mountsUnder, removeTree, stopProcessesMentioning } from './proc.js';
 import { measureLink, ShapingProxy } from './proxy.js';
 import { renderTable, writeReport } from './report.js';
 import { idealMs, speedups, summarize, unavailable } from './stats.js';
@@ -154,6 +154,9 @@ async function haveCommand(name: string): Promise<boolean> {
   return false;
 }
 
+/** Whether `soci-ts rpull` has `--json` (per-layer outcomes); set by sociUnavailable. */
+let rpullJson = false;
+
 /** Why soci-ts mode cannot run here, or undefined when it can. */
 async function sociUnavailable(): Promise<string | undefined> {
   try {
@@ -170,6 +173,8 @@ async function sociUnavailable(): Promise<string | undefined> {
     // commander answers `--help` of an unknown command with the main help: look at the command list.
     const help = await exec(SOCI_TS, ['--help'], { timeoutMs: 30_000 });
     if (!/^\s+rpull\b/m.test(help.stdout)) return 'this soci-ts has no `rpull` command (lazy pulls into containerd have not landed in this checkout)';
+    const rpullHelp = await exec(SOCI_TS, ['rpull', '--help'], { timeoutMs: 30_000 });
+    rpullJson = /--json\b/.test(rpullHelp.stdout);
   } catch (e) {
     return `soci-ts --help failed: ${(e as Error).message.slice(0, 200)}`;
   }
@@ -238,14 +243,8 @@ async function restartSnapshotter(env: Env): Promise<void> {
   if (s.daemon !== undefined) {
     await s.daemon.stop();
     env.cleanup.untrackGroup(s.daemon.pid);
-    // Anything it left serving a mount under its root (a detached FUSE server) goes too.
-    for (const pid of await pidsMentioning(s.root)) {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch {
-        // gone
-      }
-    }
+    // What it started in a session of its own (the FUSE manager, `--root` under its root) goes too.
+    await stopProcessesMentioning(s.root);
     await removeTree(s.root);
     s.daemon = undefined;
   }
@@ -258,6 +257,17 @@ async function restartSnapshotter(env: Env): Promise<void> {
 
 // ---------------------------------------------------------------------------------------
 // One run
+
+/** Layers `rpull --json` reports as served lazily (outcome "lazy"), or null if it does not say. */
+export function countLazy(json: string): number | null {
+  try {
+    const doc = JSON.parse(json) as { layers?: Array<{ outcome?: unknown }> };
+    if (!Array.isArray(doc.layers)) return null;
+    return doc.layers.filter((l) => l.outcome === 'lazy').length;
+  } catch {
+    return null;
+  }
+}
 
 /** What the ready line says the command read (`read N bytes`), if it says. */
 export function parseBytesRead(line: string): number | null {
@@ -275,18 +285,20 @@ async function runOnce(env: Env, cell: Cell, network: NetworkName, mode: ModeNam
   const signal = opts.signal;
   const dropped = await dropCaches();
   proxy.reset();
+  let lazyLayers: number | null = null;
   const t0 = performance.now();
   if (mode === 'overlayfs') {
     await exec('ctr', ['--address', env.ctd.address, '--namespace', NAMESPACE, 'images', 'pull', '--plain-http', ref], { timeoutMs, signal, label: 'ctr images pull' });
   } else {
     const s = env.snap;
     if (s === undefined) throw new BenchError('soci-ts snapshotter not running');
-    await exec(SOCI_TS, ['rpull', '--address', env.ctd.address, '--namespace', NAMESPACE, '--snapshotter', SNAPSHOTTER, '--plain-http', ref], {
+    const pulled = await exec(SOCI_TS, ['rpull', '--address', env.ctd.address, '--namespace', NAMESPACE, '--snapshotter', SNAPSHOTTER, '--plain-http', ...(rpullJson ? ['--json'] : []), ref], {
       timeoutMs,
       signal,
       label: 'soci-ts rpull',
       env: { ...process.env, SOCI_TS_ROOT: s.root },
     });
+    if (rpullJson) lazyLayers = countLazy(pulled.stdout);
   }
   const t1 = performance.now();
   const snapArgs = mode === 'soci-ts' ? ['--snapshotter', SNAPSHOTTER] : [];
@@ -333,6 +345,7 @@ async function runOnce(env: Env, cell: Cell, network: NetworkName, mode: ModeNam
     connections: r.bytes.connections,
     bytes_read: parseBytesRead(r.line),
     lazy_mounts: lazyMounts,
+    lazy_layers: lazyLayers,
     ready_line: r.line,
     page_cache_dropped: dropped,
   };
@@ -513,13 +526,7 @@ export async function runColdstart(opts: ColdstartOptions): Promise<ColdstartRun
         if (s?.daemon !== undefined) {
           // Its snapshots first (containerd would otherwise keep asking it to), then the daemon.
           await s.daemon.stop();
-          for (const pid of await pidsMentioning(s.root)) {
-            try {
-              process.kill(pid, 'SIGKILL');
-            } catch {
-              // gone
-            }
-          }
+          await stopProcessesMentioning(s.root);
           await removeTree(s.root);
         }
       });

@@ -66,6 +66,8 @@ export interface Sample {
   bytes_read: number | null;
   /** FUSE mounts under the snapshotter's root once the container was created (soci-ts mode). */
   lazy_mounts: number | null;
+  /** Layers `soci-ts rpull --json` reported as served lazily (soci-ts mode). */
+  lazy_layers: number | null;
   ready_line: string;
   /** Whether the page cache was dropped before this run. */
   page_cache_dropped: boolean;

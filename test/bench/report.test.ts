@@ -49,6 +49,7 @@ function samples(base: number, fetched: number): Sample[] {
     connections: 3,
     bytes_read: 6_000_000,
     lazy_mounts: 3,
+    lazy_layers: 3,
     ready_line: 'coldstart ready: read 6000000 bytes',
     page_cache_dropped: true,
   }));
