@@ -87,7 +87,7 @@ export function renderTable(results: ColdstartResults): string {
   if (results.speedups.length > 0) {
     lines.push('', 'speed-up (overlayfs median / soci-ts median):');
     for (const s of results.speedups) {
-      const idealPart = ideal && s.ideal_ms !== undefined ? `; ideal ${fmtMs(s.ideal_ms)}, soci-ts at ${fmtRatio(s.vs_ideal)} of it` : '';
+      const idealPart = ideal && s.ideal_ms !== undefined ? `; ideal ${fmtMs(s.ideal_ms)}, soci-ts takes ${fmtRatio(s.vs_ideal)} the ideal` : '';
       lines.push(`  ${s.network} ${s.workload}: ${fmtMs(s.overlayfs_ms)} / ${fmtMs(s.soci_ms)} = ${fmtRatio(s.ratio)}${idealPart}`);
     }
   }
