@@ -39,7 +39,7 @@ import {
   type Repository,
 } from '../fetcher/index.js';
 import { DEFAULT_SPAN_SIZE } from '../ztoc/index.js';
-import { CompressedSpanStore, FuseError, InflatedSpanCache, LayerFs, checkFuse, unpackLayer, type UnpackResult } from '../fs/index.js';
+import { BackgroundFetcher, CompressedSpanStore, FuseError, InflatedSpanCache, LayerFs, checkFuse, unpackLayer, type UnpackResult } from '../fs/index.js';
 import type { ArtifactStore } from './store.js';
 import { createIndexes, resolveImages, WorkflowError, DEFAULT_MIN_LAYER_SIZE } from './workflow.js';
 import { DiscoverError, discoverIndex, type DiscoveredIndex, type IndexSource } from './discover.js';
@@ -148,7 +148,6 @@ export interface MountOptions {
 
 const STATE_VERSION = 1;
 const BACKGROUND_DELAY_MS = 10_000;
-const BACKGROUND_PERIOD_MS = 200;
 
 /** The id of DIR's mount: 16 hex digits of the sha256 of its real path. */
 export function mountId(realDir: string): string {
@@ -380,7 +379,7 @@ interface LayerPlan {
 /** A mounted image. `unmount` takes everything down in order (overlay, FUSE layers, files). */
 export class ImageMount {
   private closing: Promise<void> | undefined;
-  private readonly bg: AbortController = new AbortController();
+  private background: BackgroundFetcher | undefined;
 
   constructor(
     readonly root: string,
@@ -407,35 +406,20 @@ export class ImageMount {
   }
 
   /**
-   * After a quiet period, fetches every span of the lazy layers into the disk cache, one at a
-   * time, so the image keeps working without the registry. Stops at unmount.
+   * After a quiet period, fetches every span of the lazy layers into the disk cache at a bounded
+   * rate, yielding to reads (fs's BackgroundFetcher), so the image keeps working without the
+   * registry. Stops at unmount.
    */
-  startBackgroundFetch(delayMs = BACKGROUND_DELAY_MS, periodMs = BACKGROUND_PERIOD_MS): void {
+  startBackgroundFetch(startDelayMs = BACKGROUND_DELAY_MS): void {
     if (this.layerFs.length === 0 || this.diskStore === undefined) return;
-    const signal = this.bg.signal;
-    void (async () => {
-      await sleep(delayMs, undefined, { signal });
-      for (const fs of this.layerFs) {
-        for (let id = 0; id < fs.spans.spanCount && !fs.spans.complete; id++) {
-          if (signal.aborted) return;
-          try {
-            if (await fs.spans.fetchToDisk(id)) await sleep(periodMs, undefined, { signal });
-          } catch (err) {
-            if (signal.aborted) return;
-            this.logger.debug('background fetch of a span failed; going on', { layer: fs.layerDigest, span: id, error: err });
-          }
-        }
-        this.logger.info('background fetch of a layer done', { layer: fs.layerDigest, spans: fs.spans.spanCount, local: fs.spans.localSpans });
-      }
-    })().catch((err: unknown) => {
-      if (!signal.aborted) this.logger.warn('background fetch stopped', { error: err });
-    });
+    this.background = new BackgroundFetcher({ startDelayMs, logger: this.logger });
+    for (const fs of this.layerFs) this.background.add(fs.spans);
   }
 
   /** Unmounts DIR, then every FUSE layer, then removes the unpacked layers and the state. Idempotent. */
   unmount(): Promise<void> {
     this.closing ??= (async () => {
-      this.bg.abort();
+      await this.background?.stop();
       await unmountTop(this.dir, this.logger);
       const failures: string[] = [];
       for (const fs of [...this.layerFs].reverse()) {

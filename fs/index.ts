@@ -16,3 +16,13 @@ export {
 } from './cache.js';
 export { LayerFs, FuseError, checkFuse, type LayerFsOptions, type LayerFsCounters, type FuseErrorKind } from './layerfs.js';
 export { unpackLayer, removeUnpackLeftovers, UnpackError, type UnpackOptions, type UnpackResult, type UnpackErrorKind } from './unpack.js';
+export {
+  BackgroundFetcher,
+  BackgroundFetchError,
+  DEFAULT_BACKGROUND_RATE,
+  DEFAULT_BACKGROUND_CONCURRENCY,
+  DEFAULT_BACKGROUND_START_DELAY_MS,
+  type BackgroundFetchConfig,
+  type BackgroundLayerStats,
+  type BackgroundTotals,
+} from './background.js';

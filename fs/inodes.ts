@@ -28,7 +28,7 @@
  * Inode numbers are dense and deterministic: breadth-first over the final tree with children in
  * name order, root = 1; the same zTOC always gives the same numbers.
  */
-import { paxValueBytes, type FileMetadata, type LayerIndex } from '../ztoc/index.js';
+import { paxValueBytes, parseModTime, type FileMetadata, type LayerIndex } from '../ztoc/index.js';
 
 export type NodeKind = 'dir' | 'reg' | 'symlink' | 'char' | 'block' | 'fifo';
 
@@ -685,36 +685,12 @@ function normalize(name: string): string | undefined {
   return core;
 }
 
-/**
- * RFC 3339 (`2024-05-01T10:20:30.5Z`, `…+02:00`) as Go's UnmarshalText reads it, to whole
- * seconds since the epoch and nanoseconds; undefined when malformed.
- */
+/** The zTOC's RFC 3339 mod_time as seconds and nanoseconds (ztoc's parser); undefined when malformed. */
 function parseTime(text: string): { sec: number; nsec: number } | undefined {
-  const m = RFC3339.exec(text);
-  if (m === null) return undefined;
-  const year = Number(m[1]);
-  const month = Number(m[2]);
-  const day = Number(m[3]);
-  const hour = Number(m[4]);
-  const minute = Number(m[5]);
-  const second = Number(m[6]);
-  if (month < 1 || month > 12 || day < 1 || day > 31 || hour > 23 || minute > 59 || second > 59) return undefined;
-  const nsec = m[7] === undefined ? 0 : Number(m[7].slice(0, 9).padEnd(9, '0'));
-  let offset = 0;
-  if (m[8] === undefined) offset = (Number(m[10]) * 3600 + Number(m[11]) * 60) * (m[9] === '-' ? -1 : 1);
-  const sec = daysFromCivil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second - offset;
-  return { sec, nsec };
-}
-
-const RFC3339 = /^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))$/;
-
-/** Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm). */
-function daysFromCivil(year: number, month: number, day: number): number {
-  const y = month <= 2 ? year - 1 : year;
-  const era = Math.floor(y / 400);
-  const yoe = y - era * 400;
-  const mp = month > 2 ? month - 3 : month + 9;
-  const doy = Math.floor((153 * mp + 2) / 5) + day - 1;
-  const doe = yoe * 365 + Math.floor(yoe / 4) - Math.floor(yoe / 100) + doy;
-  return era * 146097 + doe - 719468;
+  try {
+    const t = parseModTime(text);
+    return { sec: Number(t.seconds), nsec: t.nanos };
+  } catch {
+    return undefined;
+  }
 }

@@ -103,6 +103,10 @@ export class SpanManager {
   private lastReadEnd = -1;
   private readonly failing = new Set<number>();
   private closed = false;
+  /** `read` calls not yet answered (the background fetcher yields while there are any). */
+  private foreground = 0;
+  /** Disk writes of fetched spans in progress, by span (fetchToDisk waits for them). */
+  private readonly storing = new Map<number, Promise<void>>();
 
   constructor(opts: SpanManagerOptions) {
     this.layerDigest = opts.layerDigest;
@@ -130,6 +134,21 @@ export class SpanManager {
     return this.local.size;
   }
 
+  /** Reads (`read` calls) in flight: on-demand reads the background fetcher should not compete with. */
+  get foregroundReads(): number {
+    return this.foreground;
+  }
+
+  /** Whether fetched spans are kept on disk (without a disk store, nothing can be fetched ahead for good). */
+  get diskBacked(): boolean {
+    return this.disk !== undefined;
+  }
+
+  /** Whether the span is known to be local (on disk or inflated); cheap, touches no cache. */
+  isLocal(spanId: number): boolean {
+    return this.local.has(spanId);
+  }
+
   /** True when every span is local: reads no longer need the registry. */
   get complete(): boolean {
     return this.local.size === this.index.spans.length;
@@ -147,6 +166,15 @@ export class SpanManager {
    * with SpanReadError when the registry does not deliver within the fetch timeout.
    */
   async read(offset: number, length: number): Promise<Buffer> {
+    this.foreground++;
+    try {
+      return await this.readSpans(offset, length);
+    } finally {
+      this.foreground--;
+    }
+  }
+
+  private async readSpans(offset: number, length: number): Promise<Buffer> {
     const size = this.index.ztoc.uncompressedArchiveSize;
     if (offset >= size || length <= 0) return Buffer.alloc(0);
     const end = Math.min(size, offset + length);
@@ -197,11 +225,24 @@ export class SpanManager {
 
   /**
    * Makes a span local (compressed on disk) without inflating it: for the background fetcher.
-   * Resolves true when it was fetched now, false when it already was local.
+   * Resolves true when it was fetched now, false when it already was local, once the span is
+   * on disk. Rejects with SpanReadError when the fetch fails or times out, when the disk store
+   * did not keep it (write error, span larger than the store), or when there is no disk store.
    */
   async fetchToDisk(spanId: number): Promise<boolean> {
     if (this.local.has(spanId)) return false;
-    await this.withTimeout(this.compressed(spanId), `span ${spanId}`);
+    const subject = `${this.layerDigest} span ${spanId}`;
+    if (this.disk === undefined) throw new SpanReadError(subject, 'no disk store to fetch into');
+    const fetching = this.compressed(spanId);
+    try {
+      await this.withTimeout(fetching, `span ${spanId}`);
+    } catch (err) {
+      // As in read(): a retry must not join the stalled fetch again.
+      if (err instanceof SpanReadError && err.timedOut && this.fetching.get(spanId) === fetching) this.fetching.delete(spanId);
+      throw err;
+    }
+    await this.storing.get(spanId);
+    if (!this.local.has(spanId)) throw new SpanReadError(subject, 'fetched but not kept by the disk store (see its log)');
     return true;
   }
 
@@ -317,10 +358,18 @@ export class SpanManager {
       this.counters.bytesFetched += bytes.length;
       const buf = Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length);
       if (this.disk !== undefined) {
-        this.disk.put(digest, buf).then(
-          () => this.local.add(spanId),
+        const disk = this.disk;
+        // put resolves also when the write failed (logged by the store): local only if it is there.
+        const stored = disk.put(digest, buf).then(
+          () => {
+            if (disk.has(digest)) this.local.add(spanId);
+          },
           (err: unknown) => this.logger.warn('span not written to the disk cache', { layer: this.layerDigest, span: spanId, error: err }),
         );
+        this.storing.set(spanId, stored);
+        void stored.then(() => {
+          if (this.storing.get(spanId) === stored) this.storing.delete(spanId);
+        });
       }
       return buf;
     })();

@@ -47,7 +47,7 @@ import * as path from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
 import { layerCompression, nullLogger, type Logger } from '../fetcher/index.js';
-import { TarIndexer, ZtocError, parseModTime, type FileMetadata } from '../ztoc/index.js';
+import { TarIndexer, ZtocError, parseModTime, parseTarNumber as parseNumeric, parseTarOctal as parseOctal, type FileMetadata } from '../ztoc/index.js';
 
 // ---------------------------------------------------------------------------------------
 // Public API
@@ -609,35 +609,6 @@ function writeChecksum(b: Buffer): void {
   b.write(unsigned.toString(8).padStart(6, '0'), 148, 'latin1');
   b[154] = 0;
   b[155] = 0x20;
-}
-
-/** Octal, spaces and NULs trimmed (Go's parseOctal); NaN when it does not parse. */
-function parseOctal(b: Uint8Array, off: number, len: number): number {
-  let s = off;
-  let e = off + len;
-  while (s < e && (b[s] === 0x20 || b[s] === 0)) s++;
-  while (e > s && (b[e - 1] === 0x20 || b[e - 1] === 0)) e--;
-  let x = 0;
-  for (let i = s; i < e; i++) {
-    const c = b[i];
-    if (c === 0) break;
-    const d = c - 0x30;
-    if (d < 0 || d > 7) return NaN;
-    x = x * 8 + d;
-  }
-  return Number.isSafeInteger(x) ? x : NaN;
-}
-
-/** Octal, or base-256 when the first byte's high bit is set (positive values only here). */
-function parseNumeric(b: Uint8Array, off: number, len: number): number {
-  if ((b[off] & 0x80) === 0) return parseOctal(b, off, len);
-  if ((b[off] & 0x40) !== 0) return NaN; // negative
-  let x = 0;
-  for (let i = 0; i < len; i++) {
-    x = x * 256 + (i === 0 ? b[off] & 0x7f : b[off + i]);
-    if (!Number.isSafeInteger(x)) return NaN;
-  }
-  return x;
 }
 
 // ---------------------------------------------------------------------------------------

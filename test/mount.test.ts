@@ -412,7 +412,7 @@ t.test('background fetch: after the quiet period every span is local; the mount 
   const log = path.join(root, 'mounts', `${state.id}.log`);
   let done = false;
   for (let i = 0; i < 1200 && !done; i++) {
-    done = (await readFile(log, 'utf8')).includes('"msg":"background fetch of a layer done"');
+    done = (await readFile(log, 'utf8')).includes('"msg":"layer is complete"');
     if (!done) await new Promise((res) => setTimeout(res, 100));
   }
   t.ok(done, 'the serving process reports the lazy layer fetched');

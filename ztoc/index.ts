@@ -9,7 +9,7 @@ export * from './errors.js';
 export { encodeZtoc, decodeZtoc, encodeTarZinfo, decodeTarZinfo, type TarZinfo } from './flatbuf.js';
 export { encodeCheckpointBlob, decodeCheckpointBlob, CHECKPOINT_SIZE, type Checkpoint, type CheckpointIndex } from './checkpoints.js';
 export { buildZtoc, buildZtocFromFile, DEFAULT_BUILD_TOOL, type BuildOptions } from './build.js';
-export { DEFAULT_MAX_ENTRIES, TarIndexer, parseModTime, type TarIndexerOptions } from './tar.js';
+export { DEFAULT_MAX_ENTRIES, TarIndexer, parseModTime, parseOctal as parseTarOctal, parseNumeric as parseTarNumber, type TarIndexerOptions } from './tar.js';
 export { LayerIndex, type Span } from './layer-index.js';
 export { extractRange, extractFile, inflateFromSpan, SpanInflater, FileBlobReader, LayerReader, type BlobReader } from './extract.js';
 export { normalizeName, unsafeNameReason } from './names.js';

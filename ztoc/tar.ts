@@ -597,7 +597,7 @@ function hasNul(b: Buffer, start: number, end: number): boolean {
  * (two's complement, may be negative), octal otherwise. NaN when it does not
  * parse, overflows int64, or is not a safe integer.
  */
-function parseNumeric(b: Uint8Array, off: number, len: number): number {
+export function parseNumeric(b: Uint8Array, off: number, len: number): number {
   const first = b[off];
   if (len > 0 && (first & 0x80) !== 0) {
     const inv = (first & 0x40) !== 0 ? 0xff : 0;
@@ -616,7 +616,7 @@ function parseNumeric(b: Uint8Array, off: number, len: number): number {
 }
 
 /** Go's parseOctal: trim spaces and NULs both sides, stop at a NUL, octal digits. */
-function parseOctal(b: Uint8Array, off: number, len: number): number {
+export function parseOctal(b: Uint8Array, off: number, len: number): number {
   let s = off;
   let e = off + len;
   while (s < e && (b[s] === 0x20 || b[s] === 0)) s++;

@@ -590,7 +590,7 @@ export const MOUNT_IMAGE_SPEC = Object.freeze({
   name: 'mount',
   layers: [
     { kind: 'busybox' },
-    { kind: 'files', from: ['/usr/share', '/usr/lib'], maxBytes: 128 << 20 },
+    { kind: 'files', from: ['/usr/share', '/usr/lib'], maxBytes: 256 << 20 },
     { kind: 'special-tree', at: '/srv/special' },
     {
       kind: 'change',
