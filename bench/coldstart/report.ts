@@ -142,6 +142,17 @@ export function renderMarkdown(results: ColdstartResults, opts: { chartFile?: st
     );
   }
 
+  if (results.targets.length > 0) {
+    out.push("## The issue's targets", '');
+    out.push(
+      mdTable(
+        ['target', 'workload', 'measured', 'limit', 'met'],
+        results.targets.map((c) => [c.target, c.workload, c.value === null ? 'not measured' : fmtRatio(c.value), `${c.kind === 'min' ? '≥' : '≤'} ${fmtRatio(c.limit)}`, c.met === null ? '-' : c.met ? 'yes' : '**no**']),
+      ),
+      '',
+    );
+  }
+
   out.push('## Networks', '');
   out.push(
     mdTable(
@@ -164,7 +175,7 @@ export function renderMarkdown(results: ColdstartResults, opts: { chartFile?: st
     out.push(`## Results: ${net}`, '');
     out.push(
       mdTable(
-        ['workload', 'mode', 'runs', 'median', 'spread (min – max)', 'pull / unpack', 'create', 'run to ready', 'fetched', 'image', ...(o.ideal ? ['ideal'] : []), 'speed-up'],
+        ['workload', 'mode', 'runs', 'median', 'spread (min – max)', 'pull / unpack', 'create', 'run to ready', 'fetched', 'read by the command', 'image', ...(o.ideal ? ['ideal'] : []), 'speed-up'],
         rows.map((r) => {
           const s = r.mode === 'soci-ts' ? speedupFor(results, r.workload, r.network) : undefined;
           return [
@@ -177,6 +188,7 @@ export function renderMarkdown(results: ColdstartResults, opts: { chartFile?: st
             fmtMs(r.create_ms),
             fmtMs(r.run_ms),
             fmtBytes(r.bytes_fetched),
+            fmtBytes(r.bytes_read),
             fmtBytes(r.image_bytes),
             ...(o.ideal ? [r.mode === 'soci-ts' ? fmtMs(r.ideal_ms) : ''] : []),
             s === undefined ? '' : fmtRatio(s.ratio),

@@ -36,7 +36,7 @@ import { startSnapshotter, type SnapshotterDaemon } from '../../test/helpers/sna
 import { abortable, BenchError, Cleanup, exec, mountsUnder, removeTree, stopProcessesMentioning } from './proc.js';
 import { measureLink, ShapingProxy } from './proxy.js';
 import { renderTable, writeReport } from './report.js';
-import { idealMs, speedups, summarize, unavailable } from './stats.js';
+import { idealMs, speedups, summarize, targetChecks, unavailable } from './stats.js';
 import type { ColdstartOptions, ColdstartResults, MachineInfo, ModeInfo, ModeName, NetworkInfo, NetworkName, RunSummary, Sample, Workload, WorkloadInfo } from './types.js';
 import { builtinWorkloads, readWorkloadsFile, stageImage, WorkloadError, type StagedImage } from './workloads.js';
 import type { BuiltImage } from '../../test/helpers/images.js';
@@ -587,6 +587,7 @@ export async function runColdstart(opts: ColdstartOptions): Promise<ColdstartRun
   }
 
   machine.load_average_end = loadavg();
+  const sp = speedups(summaries);
   const results: ColdstartResults = {
     version: 1,
     started_at: startedAt.toISOString(),
@@ -606,7 +607,8 @@ export async function runColdstart(opts: ColdstartOptions): Promise<ColdstartRun
     networks,
     workloads: infos,
     runs: summaries,
-    speedups: speedups(summaries),
+    speedups: sp,
+    targets: targetChecks(summaries, sp, opts.networks),
     method: METHOD,
   };
   const files = await writeReport(results, opts.outDir);

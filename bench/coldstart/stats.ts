@@ -1,5 +1,5 @@
 /** Medians, spreads and the per-workload speed-ups of the cold-start results. */
-import type { ModeName, NetworkName, RunSummary, Sample, Speedup, Spread } from './types.js';
+import type { ModeName, NetworkName, RunSummary, Sample, Speedup, Spread, TargetCheck } from './types.js';
 
 /** Quantile by linear interpolation between closest ranks (q in [0, 1]). */
 export function quantile(values: readonly number[], q: number): number {
@@ -92,6 +92,39 @@ export function speedups(runs: readonly RunSummary[]): Speedup[] {
       s.vs_ideal = lazy.ideal_ms === null || lazy.ideal_ms <= 0 ? null : lazy.median_ms / lazy.ideal_ms;
     }
     out.push(s);
+  }
+  return out;
+}
+
+/**
+ * The issue's targets on the built-in workloads: on large-read-few, lazy >= 3x faster than
+ * the full pull on loopback and >= 5x over the WAN, within 1.5x of the ideal, bytes fetched
+ * <= 1.3x the bytes the command read; on large-read-all, lazy <= 1.2x the full-pull time.
+ */
+export function targetChecks(runs: readonly RunSummary[], sp: readonly Speedup[], networks: readonly NetworkName[]): TargetCheck[] {
+  const out: TargetCheck[] = [];
+  const has = (w: string): boolean => runs.some((r) => r.workload === w);
+  const check = (target: string, workload: string, network: NetworkName, value: number | null | undefined, limit: number, kind: 'min' | 'max'): void => {
+    const v = value === undefined || value === null || !Number.isFinite(value) ? null : value;
+    out.push({ target, workload, network, value: v, limit, kind, met: v === null ? null : kind === 'min' ? v >= limit : v <= limit });
+  };
+  const speed = (w: string, n: NetworkName): Speedup | undefined => sp.find((s) => s.workload === w && s.network === n);
+  const lazy = (w: string, n: NetworkName): RunSummary | undefined => runs.find((r) => r.workload === w && r.network === n && r.mode === 'soci-ts' && r.status === 'ok');
+  if (has('large-read-few')) {
+    if (networks.includes('loopback')) check('lazy start ≥ 3× faster than the full pull (loopback)', 'large-read-few', 'loopback', speed('large-read-few', 'loopback')?.ratio, 3, 'min');
+    if (networks.includes('wan')) check('lazy start ≥ 5× faster than the full pull (WAN)', 'large-read-few', 'wan', speed('large-read-few', 'wan')?.ratio, 5, 'min');
+    if (networks.includes('wan')) check('lazy start within 1.5× of the ideal (WAN)', 'large-read-few', 'wan', speed('large-read-few', 'wan')?.vs_ideal, 1.5, 'max');
+    for (const n of networks) {
+      const r = lazy('large-read-few', n);
+      const ratio = r?.bytes_fetched !== null && r?.bytes_fetched !== undefined && r.bytes_read !== null && r.bytes_read > 0 ? r.bytes_fetched / r.bytes_read : null;
+      check(`bytes fetched ≤ 1.3× the bytes the command reads (${n})`, 'large-read-few', n, ratio, 1.3, 'max');
+    }
+  }
+  if (has('large-read-all')) {
+    for (const n of networks) {
+      const s = speed('large-read-all', n);
+      check(`read-everything: lazy ≤ 1.2× the full-pull time (${n})`, 'large-read-all', n, s === undefined ? null : s.soci_ms / s.overlayfs_ms, 1.2, 'max');
+    }
   }
   return out;
 }

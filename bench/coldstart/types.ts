@@ -66,7 +66,10 @@ export interface Sample {
   bytes_read: number | null;
   /** FUSE mounts under the snapshotter's root once the container was created (soci-ts mode). */
   lazy_mounts: number | null;
-  /** Layers `soci-ts rpull --json` reported as served lazily (soci-ts mode). */
+  /**
+   * Layers `soci-ts rpull --json` reported as taken over by the snapshotter (outcome "lazy":
+   * it answered Prepare with ALREADY_EXISTS — mounted lazily, or unpacked by the daemon itself).
+   */
   lazy_layers: number | null;
   ready_line: string;
   /** Whether the page cache was dropped before this run. */
@@ -184,6 +187,19 @@ export interface Speedup {
   vs_ideal?: number | null;
 }
 
+/** One of the issue's targets, checked on the measured figures (not a test: a figure to beat). */
+export interface TargetCheck {
+  target: string;
+  workload: string;
+  network: NetworkName;
+  /** The measured figure (a ratio), or null when it could not be measured. */
+  value: number | null;
+  /** The limit: value >= limit (kind 'min') or value <= limit (kind 'max'). */
+  limit: number;
+  kind: 'min' | 'max';
+  met: boolean | null;
+}
+
 export interface ColdstartResults {
   version: 1;
   started_at: string;
@@ -204,6 +220,8 @@ export interface ColdstartResults {
   workloads: WorkloadInfo[];
   runs: RunSummary[];
   speedups: Speedup[];
+  /** The issue's targets on the built-in workloads. */
+  targets: TargetCheck[];
   /** How the figures were taken (also in the markdown report). */
   method: string[];
 }

@@ -20,6 +20,7 @@ import {
   renderTable,
   speedups,
   summarize,
+  targetChecks,
   unavailable,
   writeReport,
   type ColdstartResults,
@@ -113,6 +114,7 @@ function makeResults(opts: { sociAvailable: boolean; ideal: boolean; names?: str
     })),
     runs,
     speedups: speedups(runs),
+    targets: targetChecks(runs, speedups(runs), NETWORKS),
     method: METHOD,
   };
 }
@@ -204,6 +206,22 @@ t.test('results.json, report.md and chart.svg from a results object with both mo
   t.match(md, /Test CPU/, 'machine description');
   t.notMatch(md, /\| ideal \|/, 'no ideal column without --ideal');
 
+  // The issue's targets, against arithmetic on the made-up medians.
+  const target = (re: RegExp, n: NetworkName) => results.targets.find((c) => re.test(c.target) && c.network === n);
+  const few = (n: NetworkName, m: ModeName) => results.runs.find((r) => r.workload === 'large-read-few' && r.network === n && r.mode === m);
+  const all = (n: NetworkName, m: ModeName) => results.runs.find((r) => r.workload === 'large-read-all' && r.network === n && r.mode === m);
+  const fewLoop = (few('loopback', 'overlayfs')?.median_ms ?? NaN) / (few('loopback', 'soci-ts')?.median_ms ?? NaN);
+  t.match(target(/≥ 3× faster/, 'loopback'), { value: fewLoop, limit: 3, kind: 'min', met: fewLoop >= 3 }, `loopback speed-up target (${fewLoop})`);
+  const fewWan = (few('wan', 'overlayfs')?.median_ms ?? NaN) / (few('wan', 'soci-ts')?.median_ms ?? NaN);
+  t.match(target(/≥ 5× faster/, 'wan'), { value: fewWan, met: fewWan >= 5 }, `WAN speed-up target (${fewWan})`);
+  const bytesRatio = (few('wan', 'soci-ts')?.bytes_fetched ?? NaN) / (few('wan', 'soci-ts')?.bytes_read ?? NaN);
+  t.match(target(/bytes fetched ≤ 1\.3×/, 'wan'), { value: bytesRatio, met: bytesRatio <= 1.3 }, `bytes target (${bytesRatio})`);
+  const readAll = (all('loopback', 'soci-ts')?.median_ms ?? NaN) / (all('loopback', 'overlayfs')?.median_ms ?? NaN);
+  t.match(target(/read-everything/, 'loopback'), { value: readAll, limit: 1.2, kind: 'max', met: readAll <= 1.2 }, `read-everything target (${readAll})`);
+  t.ok(results.targets.some((c) => c.met === true) && results.targets.some((c) => c.met === false), 'the made-up figures meet some targets and miss others');
+  t.match(md, /## The issue's targets/, 'targets section');
+  t.match(md, /\| lazy start ≥ 5× faster than the full pull \(WAN\) \| large-read-few \| 4\.50× \| ≥ 5\.00× \| \*\*no\*\* \|/, 'a missed target is marked');
+
   const table = renderTable(results);
   t.match(table, /speed-up \(overlayfs median \/ soci-ts median\):/, 'terminal table lists the speed-ups');
   t.match(table, /wan: 20\.00 ms RTT, 100\.0 Mbit\/s → 22\.50 ms RTT, 99\.7 Mbit\/s/, 'terminal shows requested → measured');
@@ -230,7 +248,7 @@ t.test('--ideal adds an ideal bar per workload and the ideal columns', async (t)
 t.test('an unavailable mode: named with its reason, no numbers, no bar height', async (t) => {
   const dir = await mkdtemp(join(tmpdir(), 'soci-ts-report-test-'));
   t.teardown(() => rm(dir, { recursive: true, force: true }));
-  const results = makeResults({ sociAvailable: false, ideal: true, names: ['a&b<c"d', 'small'] });
+  const results = makeResults({ sociAvailable: false, ideal: true, names: ['large-read-few', 'a&b<c"d'] });
   t.same(results.speedups, [], 'no speed-up without the lazy figures');
   const files = await writeReport(results, dir);
   const els = parseSvg(files.svg); // escaping: the odd name still parses
@@ -252,5 +270,6 @@ t.test('an unavailable mode: named with its reason, no numbers, no bar height', 
     t.equal(r.median_ms, null, 'no median');
     t.equal(r.bytes_fetched, null, 'no bytes');
   }
-  t.match(renderTable(results), /loopback small soci-ts: unavailable: this soci-ts has no `rpull` command/, 'terminal names the reason');
+  t.match(renderTable(results), /loopback large-read-few soci-ts: unavailable: this soci-ts has no `rpull` command/, 'terminal names the reason');
+  t.ok(results.targets.length > 0 && results.targets.every((c) => c.value === null && c.met === null), 'targets not measured, not judged');
 });
