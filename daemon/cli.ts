@@ -8,6 +8,10 @@ import { parseCount, parseSize, printTable, progress, UsageError, writeAtomic } 
 import { registryCommands, isRegistryUserError } from './cli-registry.js';
 import { mountCommands, isMountUserError, ExitCodeError } from './cli-mount.js';
 import { isSnapshotterUserError, snapshotterCommand } from './cli-snapshotter.js';
+import { explainCommand } from './explain.js';
+import { installSystemdCommand, isSystemdUserError } from './systemd.js';
+import { fuseManagerCommand } from './cli-fuse-manager.js';
+import { isRpullUserError, rpullCommand } from './cli-rpull.js';
 import { benchCommand, isBenchUserError } from './cli-bench.js';
 import {
   buildZtocFromFile,
@@ -187,6 +191,10 @@ export function buildProgram(): Command {
   for (const c of registryCommands()) program.addCommand(c);
   for (const c of mountCommands()) program.addCommand(c);
   program.addCommand(snapshotterCommand());
+  program.addCommand(explainCommand());
+  program.addCommand(installSystemdCommand());
+  program.addCommand(fuseManagerCommand(), { hidden: true });
+  program.addCommand(rpullCommand());
   program.addCommand(benchCommand());
   program
     .command('version')
@@ -199,7 +207,7 @@ export function buildProgram(): Command {
 
 /** Is this error the user's to fix (bad input, missing file) rather than ours? */
 function isUserError(err: unknown): boolean {
-  if (err instanceof UsageError || err instanceof ZtocError || isRegistryUserError(err) || isMountUserError(err) || isSnapshotterUserError(err) || isBenchUserError(err)) return true;
+  if (err instanceof UsageError || err instanceof ZtocError || isRegistryUserError(err) || isMountUserError(err) || isSnapshotterUserError(err) || isSystemdUserError(err) || isRpullUserError(err) || isBenchUserError(err)) return true;
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
   return code === 'ENOENT' || code === 'EACCES' || code === 'EISDIR' || code === 'ENOTDIR' || code === 'EPERM';
 }

@@ -1,30 +1,81 @@
 /**
  * The snapshotter daemon's configuration file (TOML). Keys, all optional, with defaults:
  *
- *   root = "/var/lib/soci-ts"                # metadata.db and snapshots/ live here
+ *   root = "/var/lib/soci-ts"                # metadata.db, snapshots/, the artifact store and the span cache live here
  *   address = "/run/soci-ts/soci-ts.sock"    # the unix socket containerd's proxy plugin dials
  *   log_level = "info"                       # debug | info | warn | error
+ *   metrics_address = "127.0.0.1:8000"       # Prometheus GET /metrics: HOST:PORT, [IPv6]:PORT or a unix socket path; "" = off
+ *   hosts_dir = "/etc/containerd/certs.d"    # containerd's certs.d layout (hosts.toml: mirrors, CAs, plain HTTP); "" = none
+ *   docker_config = ""                       # config.json with auths and credential helpers; "" = $DOCKER_CONFIG or ~/.docker
  *
- * Command-line flags override the file. An unknown key or a value of the wrong type is an
- * error naming the key and the file.
+ *   [snapshotter]
+ *   remote = true                            # serve layers of SOCI-indexed images remotely (Prepare with the remote labels)
+ *   min_layer_size = 0                       # layers with a zTOC but smaller than this are unpacked by the daemon instead (bytes; "10MiB")
+ *   fuse_manager_address = ""                # the FUSE manager's socket; "" = <root>/fuse-manager.sock
+ *
+ *   [blob]
+ *   fetch_timeout = "30s"                    # a read of a lazy layer waiting longer for the registry fails with EIO
+ *
+ *   [background_fetch]
+ *   enabled = true                           # fetch the rest of each lazy layer into the disk cache after a quiet period
+ *   rate = "32MiB"                           # compressed bytes per second, over all layers
+ *   start_delay = "10s"                      # wait after a layer is mounted before fetching it
+ *
+ *   [cache]
+ *   memory_size = "256MiB"                   # inflated spans in the FUSE manager's memory
+ *   disk_size = "10GiB"                      # compressed spans on disk (<root>/cache/spans)
+ *
+ * Sizes are a number of bytes or a string with a unit (`4MiB`, `512KiB`, `1GiB`); durations a
+ * number of seconds or a string (`30s`, `500ms`, `2m`). Command-line flags override the file. An
+ * unknown key (or section) or a value of the wrong type is an error naming the key and the file.
  */
 import { readFile } from 'node:fs/promises';
 import { parse as parseToml, TomlError } from 'smol-toml';
-import { isLogLevel, type LogLevel } from '../fetcher/index.js';
+import { DEFAULT_HOSTS_DIR, isLogLevel, type LogLevel } from '../fetcher/index.js';
 import { DEFAULT_ADDRESS, DEFAULT_ROOT } from './server.js';
+import { parseMetricsAddress } from './metrics.js';
 
 export const DEFAULT_CONFIG_PATH = '/etc/soci-ts/config.toml';
+export const DEFAULT_METRICS_ADDRESS = '127.0.0.1:8000';
 
 export interface SnapshotterConfig {
   root: string;
   address: string;
   logLevel: LogLevel;
+  /** '' = no metrics endpoint. */
+  metricsAddress: string;
+  hostsDir: string;
+  /** '' = the default docker config location. */
+  dockerConfig: string;
+  remote: boolean;
+  minLayerSize: number;
+  /** '' = `<root>/fuse-manager.sock`. */
+  fuseManagerAddress: string;
+  fetchTimeoutMs: number;
+  backgroundFetch: boolean;
+  backgroundRate: number;
+  backgroundStartDelayMs: number;
+  memoryCacheBytes: number;
+  diskCacheBytes: number;
 }
 
 export const DEFAULT_CONFIG: Readonly<SnapshotterConfig> = Object.freeze({
   root: DEFAULT_ROOT,
   address: DEFAULT_ADDRESS,
   logLevel: 'info',
+  metricsAddress: DEFAULT_METRICS_ADDRESS,
+  hostsDir: DEFAULT_HOSTS_DIR,
+  dockerConfig: '',
+  remote: true,
+  // As upstream's daemon: every layer with a zTOC is mounted lazily.
+  minLayerSize: 0,
+  fuseManagerAddress: '',
+  fetchTimeoutMs: 30_000,
+  backgroundFetch: true,
+  backgroundRate: 32 << 20,
+  backgroundStartDelayMs: 10_000,
+  memoryCacheBytes: 256 << 20,
+  diskCacheBytes: 10 * 1024 * 1024 * 1024,
 });
 
 export class ConfigError extends Error {
@@ -38,18 +89,102 @@ export class ConfigError extends Error {
   }
 }
 
-type Checker = (v: unknown) => string | undefined;
+/** Turns a TOML value into the setting, or throws a string saying what is wrong. */
+type Converter = (v: unknown) => unknown;
 
-const absolutePath: Checker = (v) => (typeof v !== 'string' ? 'must be a string' : v.startsWith('/') ? undefined : 'must be an absolute path');
+const absolutePath: Converter = (v) => {
+  if (typeof v !== 'string') throw 'must be a string';
+  if (!v.startsWith('/')) throw 'must be an absolute path';
+  return v;
+};
 
-const KEYS: Record<string, { field: keyof SnapshotterConfig; check: Checker }> = {
-  root: { field: 'root', check: absolutePath },
-  address: { field: 'address', check: absolutePath },
+const pathOrEmpty: Converter = (v) => {
+  if (typeof v !== 'string') throw 'must be a string';
+  if (v !== '' && !v.startsWith('/')) throw 'must be an absolute path or ""';
+  return v;
+};
+
+const boolean: Converter = (v) => {
+  if (typeof v !== 'boolean') throw 'must be true or false';
+  return v;
+};
+
+const SIZE_UNITS: Record<string, number> = { '': 1, b: 1, k: 1 << 10, kib: 1 << 10, kb: 1000, m: 1 << 20, mib: 1 << 20, mb: 1e6, g: 1 << 30, gib: 1 << 30, gb: 1e9 };
+
+const size =
+  (min: number): Converter =>
+  (v) => {
+    let n: number;
+    if (typeof v === 'number' || typeof v === 'bigint') n = Number(v);
+    else if (typeof v === 'string') {
+      const m = /^\s*(\d+)\s*([a-zA-Z]*)\s*$/.exec(v);
+      const unit = m === null ? undefined : SIZE_UNITS[m[2]!.toLowerCase()];
+      if (m === null || unit === undefined) throw 'must be a size (a number of bytes, or e.g. "4MiB", "512KiB")';
+      n = Number(m[1]) * unit;
+    } else throw 'must be a size (a number of bytes, or e.g. "4MiB", "512KiB")';
+    if (!Number.isSafeInteger(n) || n < min) throw `must be a whole number of bytes, at least ${min}`;
+    return n;
+  };
+
+const duration: Converter = (v) => {
+  let ms: number;
+  if (typeof v === 'number' || typeof v === 'bigint') ms = Number(v) * 1000;
+  else if (typeof v === 'string') {
+    const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$/.exec(v);
+    if (m === null) throw 'must be a duration (seconds, or e.g. "30s", "500ms", "2m")';
+    ms = Number(m[1]) * (m[2] === 'ms' ? 1 : m[2] === 'm' ? 60_000 : 1000);
+  } else throw 'must be a duration (seconds, or e.g. "30s", "500ms", "2m")';
+  if (!Number.isFinite(ms) || ms < 0) throw 'must be a non-negative duration';
+  return Math.round(ms);
+};
+
+const positiveDuration: Converter = (v) => {
+  const ms = duration(v) as number;
+  if (ms <= 0) throw 'must be a positive duration';
+  return ms;
+};
+
+/** Keys by their dotted path (`section.key` for keys of a `[section]`). */
+const KEYS: Record<string, { field: keyof SnapshotterConfig; convert: Converter }> = {
+  root: { field: 'root', convert: absolutePath },
+  address: { field: 'address', convert: absolutePath },
   log_level: {
     field: 'logLevel',
-    check: (v) => (typeof v === 'string' && isLogLevel(v) ? undefined : 'must be one of "debug", "info", "warn", "error"'),
+    convert: (v) => {
+      if (typeof v === 'string' && isLogLevel(v)) return v;
+      throw 'must be one of "debug", "info", "warn", "error"';
+    },
   },
+  metrics_address: {
+    field: 'metricsAddress',
+    convert: (v) => {
+      if (typeof v !== 'string') throw 'must be a string';
+      try {
+        if (v !== '') parseMetricsAddress(v);
+      } catch (e) {
+        throw (e as Error).message.replace(/^metrics address .*?: /, '');
+      }
+      return v;
+    },
+  },
+  hosts_dir: { field: 'hostsDir', convert: pathOrEmpty },
+  docker_config: { field: 'dockerConfig', convert: pathOrEmpty },
+  'snapshotter.remote': { field: 'remote', convert: boolean },
+  'snapshotter.min_layer_size': { field: 'minLayerSize', convert: size(0) },
+  'snapshotter.fuse_manager_address': { field: 'fuseManagerAddress', convert: pathOrEmpty },
+  'blob.fetch_timeout': { field: 'fetchTimeoutMs', convert: positiveDuration },
+  'background_fetch.enabled': { field: 'backgroundFetch', convert: boolean },
+  'background_fetch.rate': { field: 'backgroundRate', convert: size(1) },
+  'background_fetch.start_delay': { field: 'backgroundStartDelayMs', convert: duration },
+  'cache.memory_size': { field: 'memoryCacheBytes', convert: size(1) },
+  'cache.disk_size': { field: 'diskCacheBytes', convert: size(1) },
 };
+
+const SECTIONS = new Set(Object.keys(KEYS).filter((k) => k.includes('.')).map((k) => k.slice(0, k.indexOf('.'))));
+
+function isTable(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v) && !(v instanceof Date);
+}
 
 /** Parses config text (`file` names it in errors) into the settings it sets. */
 export function parseConfig(text: string, file: string): Partial<SnapshotterConfig> {
@@ -61,12 +196,24 @@ export function parseConfig(text: string, file: string): Partial<SnapshotterConf
     throw new ConfigError(file, `not valid TOML${where}: ${(e as Error).message.split('\n')[0]}`, { cause: e });
   }
   const out: Partial<SnapshotterConfig> = {};
+  const entries: Array<[string, unknown]> = [];
   for (const [k, v] of Object.entries(doc)) {
+    if (SECTIONS.has(k)) {
+      if (!isTable(v)) throw new ConfigError(file, `key "${k}" must be a table ([${k}]) (got ${JSON.stringify(v)})`);
+      for (const [k2, v2] of Object.entries(v)) entries.push([`${k}.${k2}`, v2]);
+    } else entries.push([k, v]);
+  }
+  for (const [k, v] of entries) {
     const spec = KEYS[k];
     if (spec === undefined) throw new ConfigError(file, `unknown key "${k}" (known: ${Object.keys(KEYS).join(', ')})`);
-    const problem = spec.check(v);
-    if (problem !== undefined) throw new ConfigError(file, `key "${k}" ${problem} (got ${JSON.stringify(v)})`);
-    (out as Record<string, unknown>)[spec.field] = v;
+    let value: unknown;
+    try {
+      value = spec.convert(v);
+    } catch (problem) {
+      if (typeof problem !== 'string') throw problem;
+      throw new ConfigError(file, `key "${k}" ${problem} (got ${JSON.stringify(typeof v === 'bigint' ? Number(v) : v)})`);
+    }
+    (out as Record<string, unknown>)[spec.field] = value;
   }
   return out;
 }

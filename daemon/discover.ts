@@ -45,7 +45,8 @@ import {
 } from '../ztoc/index.js';
 import { StoreError, type ArtifactStore } from './store.js';
 
-export type IndexSource = 'store' | 'v2' | 'v1';
+/** Where the index was found; `explicit`: named by the caller (e.g. a snapshot label). */
+export type IndexSource = 'store' | 'v2' | 'v1' | 'explicit';
 
 export type DiscoverErrorKind =
   /** No source has an index for the image. */
@@ -86,6 +87,11 @@ export interface DiscoverOptions {
   sources?: readonly IndexSource[];
   /** Largest zTOC fetched (default 512 MiB). */
   maxZtocBytes?: number;
+  /**
+   * Use exactly this SOCI index manifest (from the store when it has the blob, else the
+   * registry) instead of searching the sources; an unusable one is `bad-index`.
+   */
+  indexDigest?: string;
 }
 
 const DEFAULT_SOURCES: readonly IndexSource[] = ['store', 'v2', 'v1'];
@@ -148,39 +154,57 @@ export class DiscoveredIndex {
     if (desc === undefined || layer === undefined) {
       throw new DiscoverError('no-ztoc', `${this.repo.ref.name}@${layerDigest}`, `SOCI index ${this.digest} has no zTOC for this layer`);
     }
-    const subject = `zTOC ${desc.digest} (layer ${layerDigest})`;
-    let bytes: Uint8Array | undefined;
-    if (this.store !== undefined) {
-      try {
-        if (await this.store.hasBlob(desc.digest)) bytes = await this.store.readBlob(desc.digest, { size: desc.size });
-      } catch (err) {
-        // A corrupt copy has been removed by the store; fetch it again.
-        this.logger.warn('zTOC in the store unusable; fetching it from the registry', { ztoc: desc.digest, error: err });
-      }
-    }
-    if (bytes === undefined) {
-      if (desc.size > this.maxZtocBytes) throw new DiscoverError('bad-ztoc', subject, `${desc.size} bytes is over the ${this.maxZtocBytes}-byte limit`);
-      try {
-        bytes = await this.repo.fetchBlob(desc, this.maxZtocBytes);
-      } catch (err) {
-        const reason = err instanceof Error ? err.message : String(err);
-        throw new DiscoverError('bad-ztoc', subject, `cannot fetch it from ${this.repo.ref.name}: ${reason}`, { cause: err });
-      }
-      if (this.store !== undefined) {
-        await this.store.putBlob(bytes, desc.digest).catch((err: unknown) => this.logger.warn('cannot keep the zTOC in the store', { ztoc: desc.digest, error: err }));
-      }
-    }
-    let index: LayerIndex;
-    try {
-      index = readZtoc(bytes, subject);
-    } catch (err) {
-      throw new DiscoverError('bad-ztoc', subject, `malformed: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
-    }
-    if (index.ztoc.compressedArchiveSize !== layer.size) {
-      throw new DiscoverError('bad-ztoc', subject, `indexes a blob of ${index.ztoc.compressedArchiveSize} bytes, but the layer has ${layer.size}`);
-    }
-    return index;
+    return loadZtoc(this.repo, desc, layer, { store: this.store, logger: this.logger, maxZtocBytes: this.maxZtocBytes });
   }
+}
+
+/**
+ * The parsed zTOC `desc` of the image layer `layer`: from the store when it has the blob intact,
+ * else from the registry (digest-checked by the fetcher; then kept in the store). Rejects with
+ * DiscoverError `bad-ztoc` when it cannot be fetched, is malformed or indexes a blob of another
+ * size than the layer.
+ */
+export async function loadZtoc(
+  repo: Repository,
+  desc: Descriptor,
+  layer: Descriptor,
+  opts: { store?: ArtifactStore; logger?: Logger; maxZtocBytes?: number } = {},
+): Promise<LayerIndex> {
+  const logger = opts.logger ?? repo.client.logger;
+  const store = opts.store;
+  const maxZtocBytes = opts.maxZtocBytes ?? DEFAULT_MAX_ZTOC_BYTES;
+  const subject = `zTOC ${desc.digest} (layer ${layer.digest})`;
+  let bytes: Uint8Array | undefined;
+  if (store !== undefined) {
+    try {
+      if (await store.hasBlob(desc.digest)) bytes = await store.readBlob(desc.digest, { size: desc.size });
+    } catch (err) {
+      // A corrupt copy has been removed by the store; fetch it again.
+      logger.warn('zTOC in the store unusable; fetching it from the registry', { ztoc: desc.digest, error: err });
+    }
+  }
+  if (bytes === undefined) {
+    if (desc.size > maxZtocBytes) throw new DiscoverError('bad-ztoc', subject, `${desc.size} bytes is over the ${maxZtocBytes}-byte limit`);
+    try {
+      bytes = await repo.fetchBlob(desc, maxZtocBytes);
+    } catch (err) {
+      const reason = err instanceof Error ? err.message : String(err);
+      throw new DiscoverError('bad-ztoc', subject, `cannot fetch it from ${repo.ref.name}: ${reason}`, { cause: err });
+    }
+    if (store !== undefined) {
+      await store.putBlob(bytes, desc.digest).catch((err: unknown) => logger.warn('cannot keep the zTOC in the store', { ztoc: desc.digest, error: err }));
+    }
+  }
+  let index: LayerIndex;
+  try {
+    index = readZtoc(bytes, subject);
+  } catch (err) {
+    throw new DiscoverError('bad-ztoc', subject, `malformed: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+  }
+  if (index.ztoc.compressedArchiveSize !== layer.size) {
+    throw new DiscoverError('bad-ztoc', subject, `indexes a blob of ${index.ztoc.compressedArchiveSize} bytes, but the layer has ${layer.size}`);
+  }
+  return index;
 }
 
 function imageSubject(repo: Repository, image: Descriptor): string {
@@ -270,6 +294,33 @@ export async function discoverIndex(repo: Repository, target: DiscoverTarget, op
   const logger = opts.logger ?? repo.client.logger;
   const subject = imageSubject(repo, target.descriptor);
   const tried: string[] = [];
+  if (opts.indexDigest !== undefined) {
+    let found: { descriptor: Descriptor; bytes: Uint8Array } | undefined;
+    if (opts.store !== undefined) {
+      try {
+        if (await opts.store.hasBlob(opts.indexDigest)) {
+          const bytes = await opts.store.readBlob(opts.indexDigest);
+          const parsedTop = JSON.parse(Buffer.from(bytes).toString('utf8')) as { mediaType?: unknown; config?: { mediaType?: unknown } };
+          found = {
+            descriptor: {
+              mediaType: typeof parsedTop.mediaType === 'string' ? parsedTop.mediaType : MEDIA_TYPE_OCI_MANIFEST,
+              digest: opts.indexDigest,
+              size: bytes.length,
+              ...(typeof parsedTop.config?.mediaType === 'string' ? { artifactType: parsedTop.config.mediaType } : {}),
+            },
+            bytes,
+          };
+        }
+      } catch (err) {
+        logger.warn('SOCI index in the store unusable; fetching it from the registry', { index: opts.indexDigest, error: err });
+        found = undefined;
+      }
+    }
+    found ??= await fetchIndexManifest(repo, opts.indexDigest, subject, 'explicit');
+    const { parsed, ztocs } = parseIndex(found.bytes, found.descriptor.digest, target, subject, logger);
+    logger.info('SOCI index found', { image: target.descriptor.digest, index: found.descriptor.digest, source: 'explicit', version: parsed.version, ztocs: ztocs.size });
+    return new DiscoveredIndex(repo, target.descriptor, target.manifest, 'explicit', found.descriptor, parsed, ztocs, opts.store, logger, opts.maxZtocBytes ?? DEFAULT_MAX_ZTOC_BYTES);
+  }
   for (const source of opts.sources ?? DEFAULT_SOURCES) {
     let found: { descriptor: Descriptor; bytes: Uint8Array } | undefined;
     if (source === 'store') {

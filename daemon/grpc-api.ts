@@ -1,6 +1,8 @@
 /**
  * containerd's Snapshots gRPC API from the project's own .proto files (daemon/proto/), and the
- * TypeScript shapes of its messages as @grpc/proto-loader presents them.
+ * TypeScript shapes of its messages as @grpc/proto-loader presents them. The same files also
+ * define the containerd services `rpull` calls (content, images, leases, diff, introspection;
+ * their clients are in containerd-client.ts).
  *
  * The files are parsed with protobufjs and handed to proto-loader's `fromJSON`, so the service
  * is defined by exactly these files: protobufjs' `load` would replace any import under
@@ -38,7 +40,16 @@ export const PROTO_FILES: readonly string[] = Object.freeze([
   'google/protobuf/empty.proto',
   'google/protobuf/timestamp.proto',
   'google/protobuf/field_mask.proto',
+  'google/protobuf/any.proto',
+  'google/rpc/status.proto',
   'containerd/types/mount.proto',
+  'containerd/types/descriptor.proto',
+  'containerd/types/platform.proto',
+  'containerd/services/content/v1/content.proto',
+  'containerd/services/images/v1/images.proto',
+  'containerd/services/leases/v1/leases.proto',
+  'containerd/services/diff/v1/diff.proto',
+  'containerd/services/introspection/v1/introspection.proto',
   'containerd/services/snapshots/v1/snapshots.proto',
 ]);
 
@@ -211,20 +222,27 @@ export class SnapshotsClient {
     readonly raw: SnapshotsRawClient,
     private readonly snapshotter: string,
     private readonly namespace: string | undefined,
+    private readonly lease: string | undefined = undefined,
   ) {}
 
-  static async connect(address: string, opts: { snapshotter?: string; namespace?: string } = {}): Promise<SnapshotsClient> {
+  /**
+   * `lease` (containerd only): requests carry the `containerd-lease` header, so that what they
+   * create belongs to that lease. `channel`: share an existing channel instead of opening one.
+   */
+  static async connect(address: string, opts: { snapshotter?: string; namespace?: string; lease?: string; channel?: grpc.Channel } = {}): Promise<SnapshotsClient> {
     const def = await loadPackageDefinition();
     const Ctor = grpc.loadPackageDefinition(def).containerd as grpc.GrpcObject;
     const services = (Ctor.services as grpc.GrpcObject).snapshots as grpc.GrpcObject;
     const Snapshots = (services.v1 as grpc.GrpcObject).Snapshots as grpc.ServiceClientConstructor;
-    const raw = new Snapshots(grpcAddress(address), grpc.credentials.createInsecure()) as unknown as SnapshotsRawClient;
-    return new SnapshotsClient(raw, opts.snapshotter ?? '', opts.namespace);
+    const clientOptions = opts.channel === undefined ? {} : { channelOverride: opts.channel };
+    const raw = new Snapshots(grpcAddress(address), grpc.credentials.createInsecure(), clientOptions) as unknown as SnapshotsRawClient;
+    return new SnapshotsClient(raw, opts.snapshotter ?? '', opts.namespace, opts.lease);
   }
 
   private md(): grpc.Metadata {
     const m = new grpc.Metadata();
     if (this.namespace !== undefined) m.set('containerd-namespace', this.namespace);
+    if (this.lease !== undefined) m.set('containerd-lease', this.lease);
     return m;
   }
 

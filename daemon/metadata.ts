@@ -86,16 +86,55 @@ export interface CreateOptions {
   remote?: RemoteLayer;
 }
 
+/** What is needed to mount a lazily served layer again (after the FUSE manager restarted). */
+export interface RemoteDetails {
+  imageRef: string;
+  manifestDigest: string;
+  layerMediaType: string;
+  layerSize: number;
+  ztocDigest: string;
+  ztocSize: number;
+  ztocMediaType: string;
+}
+
+export type LayerMode = 'lazy' | 'local' | 'fallback';
+
+/** How a layer was last served by a Prepare with the remote labels, and why. */
+export interface LayerModeRecord {
+  layerDigest: string;
+  mode: LayerMode;
+  /** Why it is not lazy (empty for lazy). */
+  reason: string;
+  snapshotKey: string;
+  imageRef: string;
+  indexDigest?: string;
+  /** Microseconds since the epoch (set by the store). */
+  updatedUs?: number;
+}
+
+/** A committed, lazily served snapshot with what its mount needs. */
+export interface LazySnapshot {
+  id: string;
+  name: string;
+  layerDigest: string;
+  indexDigest: string | undefined;
+  details: RemoteDetails;
+}
+
 export interface CommitOptions {
   labels?: Record<string, string>;
   usage?: Usage;
   remote?: RemoteLayer;
+  /** With `remote`: how to mount it again (kept in the same transaction). */
+  details?: RemoteDetails;
+  /** Recorded in the layer modes, in the same transaction. */
+  layerMode?: LayerModeRecord;
 }
 
 /** containerd's limit on one label (labels.Validate): key and value together. */
 export const MAX_LABEL_BYTES = 4096;
 
-const SCHEMA_VERSION = 1;
+const SCHEMA_VERSION = 2;
 
 interface Row {
   id: number;
@@ -111,6 +150,51 @@ interface Row {
   remote: number;
   layer_digest: string | null;
   index_digest: string | null;
+}
+
+interface DetailsRow {
+  id: number;
+  image_ref: string;
+  manifest_digest: string;
+  layer_media_type: string;
+  layer_size: number;
+  ztoc_digest: string;
+  ztoc_size: number;
+  ztoc_media_type: string;
+}
+
+interface ModeRow {
+  layer_digest: string;
+  mode: LayerMode;
+  reason: string;
+  snapshot_key: string;
+  image_ref: string;
+  index_digest: string | null;
+  updated_us: number;
+}
+
+function toDetails(r: DetailsRow): RemoteDetails {
+  return {
+    imageRef: r.image_ref,
+    manifestDigest: r.manifest_digest,
+    layerMediaType: r.layer_media_type,
+    layerSize: r.layer_size,
+    ztocDigest: r.ztoc_digest,
+    ztocSize: r.ztoc_size,
+    ztocMediaType: r.ztoc_media_type,
+  };
+}
+
+function toMode(r: ModeRow): LayerModeRecord {
+  return {
+    layerDigest: r.layer_digest,
+    mode: r.mode,
+    reason: r.reason,
+    snapshotKey: r.snapshot_key,
+    imageRef: r.image_ref,
+    ...(r.index_digest !== null ? { indexDigest: r.index_digest } : {}),
+    updatedUs: r.updated_us,
+  };
 }
 
 const SELECT_ROW = `SELECT s.id, s.key, s.kind, s.parent_id, p.key AS parent_key, s.labels, s.created_us, s.updated_us,
@@ -190,6 +274,13 @@ export class MetadataStore {
     commit: Database.Statement<[string, string, number, number, number, number, number, string | null, string | null, number]>;
     setLabels: Database.Statement<[string, number, number]>;
     remove: Database.Statement<[number]>;
+    insertDetails: Database.Statement<[number, string, string, string, number, string, number, string]>;
+    detailsOf: Database.Statement<[number], DetailsRow>;
+    lazy: Database.Statement<[], DetailsRow & { key: string; layer_digest: string | null; index_digest: string | null }>;
+    ztocUsers: Database.Statement<[string], { n: number }>;
+    upsertMode: Database.Statement<[string, LayerMode, string, string, string, string | null, number]>;
+    modes: Database.Statement<[], ModeRow>;
+    modeOf: Database.Statement<[string], ModeRow>;
     ids: Database.Statement<[], { id: number; key: string }>;
     totals: Database.Statement<[], { kind: SnapshotKind; count: number; size: number; inodes: number }>;
   };
@@ -240,6 +331,17 @@ export class MetadataStore {
       remove: db.prepare('DELETE FROM snapshots WHERE id = ?'),
       ids: db.prepare('SELECT id, key FROM snapshots'),
       totals: db.prepare('SELECT kind, count(*) AS count, coalesce(sum(size), 0) AS size, coalesce(sum(inodes), 0) AS inodes FROM snapshots GROUP BY kind'),
+      insertDetails: db.prepare(`INSERT INTO remote_layers (id, image_ref, manifest_digest, layer_media_type, layer_size, ztoc_digest, ztoc_size, ztoc_media_type)
+          VALUES (?, ?, ?, ?, ?, ?, ?, ?)`),
+      detailsOf: db.prepare('SELECT * FROM remote_layers WHERE id = ?'),
+      lazy: db.prepare(`SELECT r.*, s.key, s.layer_digest, s.index_digest FROM remote_layers r JOIN snapshots s ON s.id = r.id
+          WHERE s.kind = 'committed' AND s.remote = 1 ORDER BY s.id`),
+      ztocUsers: db.prepare('SELECT count(*) AS n FROM remote_layers WHERE ztoc_digest = ?'),
+      upsertMode: db.prepare(`INSERT INTO layer_modes (layer_digest, mode, reason, snapshot_key, image_ref, index_digest, updated_us) VALUES (?, ?, ?, ?, ?, ?, ?)
+          ON CONFLICT (layer_digest) DO UPDATE SET mode = excluded.mode, reason = excluded.reason, snapshot_key = excluded.snapshot_key,
+          image_ref = excluded.image_ref, index_digest = excluded.index_digest, updated_us = excluded.updated_us`),
+      modes: db.prepare('SELECT * FROM layer_modes ORDER BY layer_digest'),
+      modeOf: db.prepare('SELECT * FROM layer_modes WHERE layer_digest = ?'),
     };
   }
 
@@ -253,26 +355,54 @@ export class MetadataStore {
     }
     if (version === SCHEMA_VERSION) return;
     this.db.transaction(() => {
-      this.db.exec(`
-        CREATE TABLE snapshots (
-          id INTEGER PRIMARY KEY,
-          key TEXT NOT NULL UNIQUE,
-          kind TEXT NOT NULL CHECK (kind IN ('active', 'committed', 'view')),
-          parent_id INTEGER REFERENCES snapshots (id) ON DELETE RESTRICT,
-          labels TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(labels)),
-          created_us INTEGER NOT NULL,
-          updated_us INTEGER NOT NULL,
-          size INTEGER NOT NULL DEFAULT 0,
-          inodes INTEGER NOT NULL DEFAULT 0,
-          remote INTEGER NOT NULL DEFAULT 0 CHECK (remote IN (0, 1)),
-          layer_digest TEXT,
-          index_digest TEXT,
-          CHECK (parent_id IS NULL OR parent_id <> id)
-        );
-        CREATE INDEX snapshots_by_parent ON snapshots (parent_id);
-        CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-        INSERT INTO meta (name, value) VALUES ('next_id', 1);
-      `);
+      if (version < 1) {
+        this.db.exec(`
+          CREATE TABLE snapshots (
+            id INTEGER PRIMARY KEY,
+            key TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL CHECK (kind IN ('active', 'committed', 'view')),
+            parent_id INTEGER REFERENCES snapshots (id) ON DELETE RESTRICT,
+            labels TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(labels)),
+            created_us INTEGER NOT NULL,
+            updated_us INTEGER NOT NULL,
+            size INTEGER NOT NULL DEFAULT 0,
+            inodes INTEGER NOT NULL DEFAULT 0,
+            remote INTEGER NOT NULL DEFAULT 0 CHECK (remote IN (0, 1)),
+            layer_digest TEXT,
+            index_digest TEXT,
+            CHECK (parent_id IS NULL OR parent_id <> id)
+          );
+          CREATE INDEX snapshots_by_parent ON snapshots (parent_id);
+          CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+          INSERT INTO meta (name, value) VALUES ('next_id', 1);
+        `);
+      }
+      if (version < 2) {
+        // Version 2: what a lazily served snapshot needs to be mounted again, and how each layer
+        // asked for remotely was served (lazy, local, fallback) and why.
+        this.db.exec(`
+          CREATE TABLE remote_layers (
+            id INTEGER PRIMARY KEY REFERENCES snapshots (id) ON DELETE CASCADE,
+            image_ref TEXT NOT NULL,
+            manifest_digest TEXT NOT NULL,
+            layer_media_type TEXT NOT NULL,
+            layer_size INTEGER NOT NULL,
+            ztoc_digest TEXT NOT NULL,
+            ztoc_size INTEGER NOT NULL,
+            ztoc_media_type TEXT NOT NULL
+          );
+          CREATE INDEX remote_layers_by_ztoc ON remote_layers (ztoc_digest);
+          CREATE TABLE layer_modes (
+            layer_digest TEXT PRIMARY KEY,
+            mode TEXT NOT NULL CHECK (mode IN ('lazy', 'local', 'fallback')),
+            reason TEXT NOT NULL,
+            snapshot_key TEXT NOT NULL,
+            image_ref TEXT NOT NULL,
+            index_digest TEXT,
+            updated_us INTEGER NOT NULL
+          );
+        `);
+      }
       this.db.pragma(`user_version = ${SCHEMA_VERSION}`);
     }).immediate();
   }
@@ -417,19 +547,68 @@ export class MetadataStore {
         remote?.indexDigest ?? null,
         Number(cur.id),
       );
+      const d = opts.details;
+      if (d !== undefined) {
+        if (remote === undefined) throw invalidArgument(`commit of ${key}: remote details without a remote layer`);
+        this.stmt.insertDetails.run(Number(cur.id), d.imageRef, d.manifestDigest, d.layerMediaType, d.layerSize, d.ztocDigest, d.ztocSize, d.ztocMediaType);
+      }
+      if (opts.layerMode !== undefined) this.upsertMode(opts.layerMode, t);
       return cur.id;
     }).immediate();
   }
 
-  /** Remove: FailedPrecondition while it has children. Returns the removed record. */
-  remove(key: string): SnapshotRecord {
-    return this.db.transaction((): SnapshotRecord => {
+  /** Remove: FailedPrecondition while it has children. Returns the removed record (with its remote details). */
+  remove(key: string): SnapshotRecord & { details?: RemoteDetails } {
+    return this.db.transaction((): SnapshotRecord & { details?: RemoteDetails } => {
       const cur = this.get(key);
       if (cur === undefined) throw notFound(`snapshot ${key}`);
       if (this.stmt.firstChild.get(Number(cur.id)) !== undefined) throw failedPrecondition('cannot remove snapshot with child');
+      const d = this.stmt.detailsOf.get(Number(cur.id));
       this.stmt.remove.run(Number(cur.id));
-      return cur;
+      return d === undefined ? cur : { ...cur, details: toDetails(d) };
     }).immediate();
+  }
+
+  /** The remote details of snapshot `id`, if it is served lazily. */
+  details(id: string): RemoteDetails | undefined {
+    const d = this.stmt.detailsOf.get(Number(id));
+    return d === undefined ? undefined : toDetails(d);
+  }
+
+  /** Every committed snapshot served lazily, with what its mount needs (by id). */
+  lazySnapshots(): LazySnapshot[] {
+    return this.stmt.lazy.all().map((r) => ({
+      id: String(r.id),
+      name: r.key,
+      layerDigest: r.layer_digest ?? '',
+      indexDigest: r.index_digest ?? undefined,
+      details: toDetails(r),
+    }));
+  }
+
+  /** How many lazily served snapshots use the zTOC. */
+  ztocUsers(ztocDigest: string): number {
+    return this.stmt.ztocUsers.get(ztocDigest)?.n ?? 0;
+  }
+
+  private upsertMode(m: LayerModeRecord, t: number): void {
+    if (m.mode !== 'lazy' && m.mode !== 'local' && m.mode !== 'fallback') throw invalidArgument(`layer mode ${String(m.mode)}`);
+    this.stmt.upsertMode.run(m.layerDigest, m.mode, m.reason, m.snapshotKey, m.imageRef, m.indexDigest ?? null, t);
+  }
+
+  /** Records how a layer was served (one transaction). */
+  recordLayerMode(m: LayerModeRecord): void {
+    this.db.transaction(() => this.upsertMode(m, nowMicros())).immediate();
+  }
+
+  /** Every layer's last recorded mode, by layer digest. */
+  layerModes(): LayerModeRecord[] {
+    return this.stmt.modes.all().map(toMode);
+  }
+
+  layerMode(layerDigest: string): LayerModeRecord | undefined {
+    const r = this.stmt.modeOf.get(layerDigest);
+    return r === undefined ? undefined : toMode(r);
   }
 
   /** Every snapshot matching any of `filters` (containerd filter syntax), ordered by name. */

@@ -21,13 +21,9 @@
  * file-system calls into DIR or its own FUSE mounts (the kernel would wait on this very process).
  * mount(8) and umount(8) run as async child processes for the same reason.
  */
-import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { createReadStream, createWriteStream } from 'node:fs';
 import { mkdir, open, readdir, readFile, realpath, rename, rm, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
   formatPlatform,
@@ -39,10 +35,12 @@ import {
   type Repository,
 } from '../fetcher/index.js';
 import { DEFAULT_SPAN_SIZE } from '../ztoc/index.js';
-import { BackgroundFetcher, CompressedSpanStore, FuseError, InflatedSpanCache, LayerFs, checkFuse, unpackLayer, type UnpackResult } from '../fs/index.js';
+import { BackgroundFetcher, CompressedSpanStore, FuseError, InflatedSpanCache, LayerFs, checkFuse } from '../fs/index.js';
 import type { ArtifactStore } from './store.js';
 import { createIndexes, resolveImages, WorkflowError, DEFAULT_MIN_LAYER_SIZE } from './workflow.js';
 import { DiscoverError, discoverIndex, type DiscoveredIndex, type IndexSource } from './discover.js';
+import { configDiffIds, downloadLayerBlob, LayerSetupError, mountLazyLayer, Semaphore, unpackLayerFile } from './layers.js';
+import { detachAll as sysDetachAll, isMountpoint, runCommand, SysMountError } from './sysmount.js';
 
 export type MountErrorKind =
   /** Mounting needs root. */
@@ -168,58 +166,15 @@ function message(err: unknown): string {
 
 // ------------------------------------------------------------------ processes and mounts
 
-/** Runs a command (async, never a sync spawn), resolving with its exit code and stderr. */
-function runCommand(cmd: string, args: readonly string[]): Promise<{ code: number; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    child.stderr.on('data', (b: Buffer) => {
-      if (stderr.length < 8192) stderr += b.toString('utf8');
-    });
-    child.on('error', reject);
-    child.on('close', (code, signal) => resolve({ code: code ?? (signal !== null ? 128 : 1), stderr: stderr.trim() }));
-  });
-}
-
-export interface MountInfoEntry {
-  mountpoint: string;
-  fstype: string;
-  source: string;
-}
-
-/** `\040`-style escapes of /proc/self/mountinfo. */
-function unescapeMountInfo(s: string): string {
-  return s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
-}
-
-/** The mounts of this process's mount namespace. */
-export async function readMountInfo(): Promise<MountInfoEntry[]> {
-  const text = await readFile('/proc/self/mountinfo', 'utf8');
-  const out: MountInfoEntry[] = [];
-  for (const line of text.split('\n')) {
-    if (line === '') continue;
-    const fields = line.split(' ');
-    const sep = fields.indexOf('-');
-    if (sep < 5 || fields.length < sep + 3) continue;
-    out.push({ mountpoint: unescapeMountInfo(fields[4]!), fstype: fields[sep + 1]!, source: unescapeMountInfo(fields[sep + 2]!) });
-  }
-  return out;
-}
-
-async function isMountpoint(path: string): Promise<boolean> {
-  return (await readMountInfo()).some((m) => m.mountpoint === path);
-}
+export { readMountInfo, type MountInfoEntry } from './sysmount.js';
 
 /** Lazily detaches every mount at or below `path` (deepest first); for cleaning up after a crash. */
 async function detachAll(path: string, logger: Logger): Promise<void> {
-  const below = (await readMountInfo()).filter((m) => m.mountpoint === path || m.mountpoint.startsWith(path + '/')).map((m) => m.mountpoint);
-  for (const p of [...new Set(below)].sort((a, b) => b.length - a.length)) {
-    const r = await runCommand('umount', ['-l', p]);
-    if (r.code !== 0) {
-      const f = await runCommand('fusermount', ['-uz', p]).catch(() => ({ code: 1, stderr: 'fusermount not found' }));
-      if (f.code !== 0) throw new MountError('unmount-failed', p, `cannot detach a leftover mount: ${r.stderr || f.stderr}`);
-    }
-    logger.info('detached a leftover mount', { mountpoint: p });
+  try {
+    await sysDetachAll(path, logger);
+  } catch (err) {
+    if (err instanceof SysMountError) throw new MountError('unmount-failed', err.subject, `cannot detach a leftover mount: ${err.message.slice(err.subject.length + 2)}`, { cause: err });
+    throw err;
   }
 }
 
@@ -538,17 +493,7 @@ export async function mountImage(opts: MountOptions): Promise<ImageMount> {
     const mountLazy = async (p: LayerPlan): Promise<void> => {
       const ztoc = await index!.loadZtoc(p.desc.digest);
       if (abort.signal.aborted) return;
-      const desc = p.desc;
-      const fs = await LayerFs.mount({
-        mountpoint: p.path,
-        layerDigest: desc.digest,
-        index: ztoc,
-        source: { read: (offset, length, digest) => repo.readRange(desc, offset, length, { digest }) },
-        memory,
-        disk: diskStore,
-        logger,
-        fetchTimeoutMs: opts.fetchTimeoutMs,
-      });
+      const fs = await mountLazyLayer({ repo, layer: p.desc, ztoc, mountpoint: p.path, memory, disk: diskStore, logger, fetchTimeoutMs: opts.fetchTimeoutMs });
       layerFs.push(fs);
     };
     // Unpacked layers download in parallel (a few at a time) but are applied bottom-up, each once
@@ -558,29 +503,25 @@ export async function mountImage(opts: MountOptions): Promise<ImageMount> {
     const unpack = async (p: LayerPlan, below: ReadonlyArray<Promise<void>>): Promise<void> => {
       const file = join(base, 'downloads', String(p.n));
       const subject = `${repo.ref.name}@${p.desc.digest}`;
-      await downloads.run(async () => {
-        if (abort.signal.aborted) return;
-        await mkdir(join(base, 'downloads'), { recursive: true });
-        try {
-          await pipeline(Readable.from(repo.blobStream(p.desc, { signal: abort.signal })), createWriteStream(file), { signal: abort.signal });
-        } catch (err) {
-          if (err instanceof Error && 'subject' in err) throw err; // the fetcher's errors name the blob
-          throw new MountError('mount-failed', subject, `cannot download the layer: ${message(err)}`, { cause: err });
-        }
-      });
-      await Promise.all(below);
-      if (abort.signal.aborted) return;
-      let result: UnpackResult;
       try {
+        await downloads.run(async () => {
+          if (abort.signal.aborted) return;
+          try {
+            await downloadLayerBlob(repo, p.desc, file, abort.signal);
+          } catch (err) {
+            if (err instanceof LayerSetupError && err.cause instanceof Error && 'subject' in err.cause) throw err.cause; // the fetcher's errors name the blob
+            throw err;
+          }
+        });
+        await Promise.all(below);
+        if (abort.signal.aborted) return;
         const parents = plan.slice(0, p.n).reverse().map((l) => l.path);
-        result = await unpackLayer({ source: createReadStream(file), mediaType: p.desc.mediaType, digest: p.desc.digest, dest: p.path, parents, logger, signal: abort.signal });
+        await unpackLayerFile({ file, desc: p.desc, dest: p.path, parents, diffId: p.diffId, subject, logger, signal: abort.signal });
       } catch (err) {
-        throw new MountError('mount-failed', subject, `cannot unpack the layer: ${message(err)}`, { cause: err });
+        if (err instanceof LayerSetupError) throw new MountError(err.kind === 'bad-layer' ? 'bad-layer' : 'mount-failed', err.subject, err.reason, { cause: err });
+        throw err;
       } finally {
         await rm(file, { force: true });
-      }
-      if (p.diffId !== undefined && result.diffID !== p.diffId) {
-        throw new MountError('bad-layer', subject, `unpacked content has diff_id ${result.diffID}, the image config says ${p.diffId}`);
       }
     };
     const ready: Array<Promise<void>> = [];
@@ -646,37 +587,6 @@ async function buildIndex(
     throw err;
   }
   return discoverIndex(repo, target, { store: opts.store, logger: opts.logger, sources: ['store'] });
-}
-
-/** The config's diff_ids (one per layer), or an empty list when the config has none usable. */
-async function configDiffIds(repo: Repository, config: Descriptor, layers: number): Promise<Array<string | undefined>> {
-  try {
-    const bytes = await repo.fetchBlob(config, 16 << 20);
-    const doc = JSON.parse(bytes.toString('utf8')) as { rootfs?: { diff_ids?: unknown } };
-    const ids = doc.rootfs?.diff_ids;
-    if (Array.isArray(ids) && ids.length === layers && ids.every((d) => typeof d === 'string')) return ids as string[];
-  } catch (err) {
-    repo.client.logger.warn('cannot read the image config: unpacked layers are not checked against diff_ids', { config: config.digest, error: err });
-  }
-  return [];
-}
-
-/** At most `limit` calls of `run` at a time. */
-class Semaphore {
-  private active = 0;
-  private readonly waiting: Array<() => void> = [];
-  constructor(private readonly limit: number) {}
-
-  async run<T>(fn: () => Promise<T>): Promise<T> {
-    if (this.active >= this.limit) await new Promise<void>((r) => this.waiting.push(r));
-    this.active++;
-    try {
-      return await fn();
-    } finally {
-      this.active--;
-      this.waiting.shift()?.();
-    }
-  }
 }
 
 // ------------------------------------------------------------------ unmount by directory

@@ -34,7 +34,7 @@ import {
   type UsageResponse,
 } from './grpc-api.js';
 import type { SnapshotInfo, SnapshotKind } from './metadata.js';
-import { Snapshotter } from './snapshotter.js';
+import { Snapshotter, type CallContext, type SnapshotterOptions } from './snapshotter.js';
 
 export const DEFAULT_ROOT = '/var/lib/soci-ts';
 export const DEFAULT_ADDRESS = '/run/soci-ts/soci-ts.sock';
@@ -70,6 +70,8 @@ export interface ServerOptions {
   /** Socket path (or `unix:PATH`). */
   address: string;
   logger: Logger;
+  /** Remote snapshots (see daemon/remote.ts); without, every snapshot takes the overlay path. */
+  remote?: SnapshotterOptions['remote'];
 }
 
 /** Is something accepting connections on this unix socket? */
@@ -87,7 +89,7 @@ function socketAnswers(path: string): Promise<boolean> {
 }
 
 /** Removes a stale socket file; refuses a live socket or a file that is not a socket. */
-async function prepareSocketPath(path: string): Promise<void> {
+export async function prepareSocketPath(path: string): Promise<void> {
   await mkdir(dirname(path), { recursive: true, mode: 0o711 });
   let st;
   try {
@@ -117,7 +119,7 @@ export class SnapshotterServer {
     if (!socketPath.startsWith('/')) throw new ServerStartError(`address ${opts.address}: must be an absolute unix socket path`);
     const service = await snapshotsServiceDefinition();
     await prepareSocketPath(socketPath);
-    const snapshotter = await Snapshotter.open({ root: opts.root, logger: opts.logger });
+    const snapshotter = await Snapshotter.open({ root: opts.root, logger: opts.logger, remote: opts.remote });
     const server = new grpc.Server({
       'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
       'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
@@ -132,7 +134,7 @@ export class SnapshotterServer {
       await chmod(socketPath, 0o600);
     } catch (e) {
       server.forceShutdown();
-      snapshotter.close();
+      await snapshotter.close();
       throw new ServerStartError(`cannot serve on ${socketPath}: ${(e as Error).message}`, { cause: e });
     }
     opts.logger.info('snapshotter serving', { address: socketPath, root: opts.root });
@@ -153,7 +155,7 @@ export class SnapshotterServer {
           resolve();
         });
       });
-      this.snapshotter.close();
+      await this.snapshotter.close();
       await unlink(this.socketPath).catch(() => undefined);
       this.log.info('snapshotter stopped', { address: this.socketPath });
     })();
@@ -176,11 +178,12 @@ export class SnapshotterServer {
   private unary<Req, Res>(
     method: string,
     fields: (req: Req) => Record<string, unknown>,
-    fn: (req: Req) => Promise<Res>,
+    fn: (req: Req, ctx: CallContext) => Promise<Res>,
   ): grpc.handleUnaryCall<Req, Res> {
     return (call, callback) => {
       const req = call.request;
-      fn(req).then(
+      const ns = call.metadata.get('containerd-namespace')[0];
+      fn(req, { namespace: typeof ns === 'string' ? ns : undefined }).then(
         (res) => callback(null, res),
         (err: unknown) => callback(this.fail(method, fields(req), err)),
       );
@@ -192,7 +195,7 @@ export class SnapshotterServer {
     const key = (r: { key: string }): Record<string, unknown> => ({ key: r.key });
     const mounts = (m: Awaited<ReturnType<Snapshotter['prepare']>>): MountsResponse => ({ mounts: m });
     return {
-      Prepare: this.unary<PrepareSnapshotRequest, MountsResponse>('Prepare', (r) => ({ key: r.key, parent: r.parent }), async (r) => mounts(await s.prepare(r.key, r.parent, r.labels))),
+      Prepare: this.unary<PrepareSnapshotRequest, MountsResponse>('Prepare', (r) => ({ key: r.key, parent: r.parent }), async (r, ctx) => mounts(await s.prepare(r.key, r.parent, r.labels, ctx))),
       View: this.unary<PrepareSnapshotRequest, MountsResponse>('View', (r) => ({ key: r.key, parent: r.parent }), async (r) => mounts(await s.view(r.key, r.parent, r.labels))),
       Mounts: this.unary<KeyRequest, MountsResponse>('Mounts', key, async (r) => mounts(await s.mounts(r.key))),
       Commit: this.unary<CommitSnapshotRequest, Empty>('Commit', (r) => ({ key: r.key, name: r.name }), async (r) => {

@@ -17,6 +17,12 @@
  * (`userxattr`, which containerd adds for rootless overlay in a user namespace, is not: the
  * daemon runs as root.)
  *
+ * Remote snapshots (daemon/remote.ts): a Prepare with containerd's remote-snapshot labels is
+ * served lazily through the FUSE manager (the snapshot's fs dir is the layer's FUSE mount, so
+ * children stack it as a lowerdir like any other) or unpacked by the daemon, committed under the
+ * target name, and answered ALREADY_EXISTS; when that cannot be done it falls back to the normal
+ * overlay path, with the reason logged.
+ *
  * Every file system call is asynchronous. A new snapshot's directory is made under a temporary
  * name and renamed to its id before the metadata row is written, and a removed snapshot's
  * row goes before its directory: a crash can leave a directory without metadata (Cleanup and
@@ -24,10 +30,14 @@
  */
 import { access, lchown, lstat, mkdir, readdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { Logger } from '../fetcher/index.js';
+import type { Logger, RegistryClient } from '../fetcher/index.js';
 import { diskUsage } from './diskusage.js';
-import { invalidArgument, SnapshotterError, wrapError } from './errdefs.js';
+import { alreadyExists, invalidArgument, SnapshotterError, wrapError } from './errdefs.js';
 import { MetadataStore, toInfo, type MountableSnapshot, type SnapshotInfo, type SnapshotKind, type Usage } from './metadata.js';
+import type { MetricsSink } from './metrics-sink.js';
+import { parseRemoteLabels, RemoteSnapshots, type RemoteSettings } from './remote.js';
+import type { ArtifactStore } from './store.js';
+import { mountsUnder } from './sysmount.js';
 
 export interface Mount {
   type: string;
@@ -42,6 +52,18 @@ export interface SnapshotterOptions {
   logger: Logger;
   /** Run Cleanup once at open, removing directories left without metadata (default true). */
   sweepOnOpen?: boolean;
+  /** Serve Prepares with the remote-snapshot labels remotely (without: always the overlay path). */
+  remote?: {
+    client: RegistryClient;
+    store: ArtifactStore;
+    settings: RemoteSettings;
+    metrics?: MetricsSink;
+  };
+}
+
+/** What a gRPC call carries besides its request (containerd's namespace header). */
+export interface CallContext {
+  namespace?: string;
 }
 
 const TEMP_PREFIX = 'new-';
@@ -49,7 +71,10 @@ const TEMP_PREFIX = 'new-';
 export class Snapshotter {
   /** Directory names under snapshots/ that in-flight operations own: Cleanup leaves them. */
   private readonly inflight = new Set<string>();
+  /** Remote Prepares in progress, by target: one at a time per target. */
+  private readonly targets = new Map<string, Promise<unknown>>();
   private closed = false;
+  remote: RemoteSnapshots | undefined;
 
   private constructor(
     readonly root: string,
@@ -71,6 +96,20 @@ export class Snapshotter {
       // the kernel has no overlay index feature (or no overlay module loaded): nothing to turn off
     }
     const s = new Snapshotter(root, metadata, opts.logger, indexOff);
+    if (opts.remote !== undefined) {
+      s.remote = new RemoteSnapshots({
+        root,
+        metadata,
+        store: opts.remote.store,
+        client: opts.remote.client,
+        logger: opts.logger,
+        fsPath: (id) => s.fsPath(id),
+        settings: opts.remote.settings,
+        metrics: opts.remote.metrics,
+      });
+      // Before the sweep: mounts no snapshot owns are unmounted first, lost ones mounted again.
+      await s.remote.open();
+    }
     if (opts.sweepOnOpen ?? true) {
       try {
         const removed = await s.cleanup();
@@ -96,16 +135,66 @@ export class Snapshotter {
     if (this.closed) throw new SnapshotterError('Unavailable', 'the snapshotter is shutting down');
   }
 
-  prepare(key: string, parent: string, labels: Record<string, string> = {}): Promise<Mount[]> {
-    return this.createSnapshot('active', key, parent, labels);
+  async prepare(key: string, parent: string, labels: Record<string, string> = {}, ctx: CallContext = {}): Promise<Mount[]> {
+    const verdict = parseRemoteLabels(labels);
+    if (verdict.kind === 'none') return this.createSnapshot('active', key, parent, labels);
+    const remote = this.remote;
+    if (verdict.kind !== 'remote' || remote === undefined) {
+      const why =
+        verdict.kind === 'incomplete'
+          ? `the Prepare has no ${verdict.missing.join(', ')} label (CRI with snapshot annotations disabled, or a client that does not pass them)`
+          : verdict.kind === 'invalid'
+            ? verdict.reason
+            : 'remote snapshots are disabled (snapshotter.remote = false)';
+      this.log.info('layer applied by containerd: not served remotely', { key, target: verdict.kind === 'remote' ? verdict.request.target : verdict.target, reason: why });
+      return this.createSnapshot('active', key, parent, labels);
+    }
+    const req = verdict.request;
+    // One remote Prepare per target at a time: the second finds the first's commit.
+    const prev = this.targets.get(req.target) ?? Promise.resolve();
+    const run = async (): Promise<Mount[]> => {
+      this.check();
+      if (this.metadata.get(req.target) !== undefined) throw alreadyExists(`target snapshot ${JSON.stringify(req.target)}`);
+      await remote.ensureServed(this.parentChainIds(parent));
+      return this.createSnapshot('active', key, parent, labels, async (s) => {
+        const outcome = await remote.prepare({ id: s.id, key, parentIds: s.parentIds, labels, namespace: ctx.namespace }, req);
+        if (outcome.committed) throw alreadyExists(`target snapshot ${JSON.stringify(req.target)}`);
+        return this.mountsOf(s);
+      });
+    };
+    const p = prev.then(run, run);
+    const tail = p.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.targets.set(req.target, tail);
+    void tail.then(() => {
+      if (this.targets.get(req.target) === tail) this.targets.delete(req.target);
+    });
+    return p;
   }
 
   view(key: string, parent: string, labels: Record<string, string> = {}): Promise<Mount[]> {
     return this.createSnapshot('view', key, parent, labels);
   }
 
-  private async createSnapshot(kind: SnapshotKind, key: string, parent: string, labels: Record<string, string>): Promise<Mount[]> {
+  /** The ids of `parent` and its parents (empty for none or an unknown parent). */
+  private parentChainIds(parent: string): string[] {
+    if (parent === '') return [];
+    const p = this.metadata.get(parent);
+    if (p === undefined) return [];
+    return [p.id, ...(p.parent === '' ? [] : this.parentChainIds(p.parent))];
+  }
+
+  private async createSnapshot(
+    kind: SnapshotKind,
+    key: string,
+    parent: string,
+    labels: Record<string, string>,
+    then?: (s: MountableSnapshot) => Promise<Mount[]>,
+  ): Promise<Mount[]> {
     this.check();
+    if (then === undefined && this.remote !== undefined && parent !== '') await this.remote.ensureServed(this.parentChainIds(parent));
     let parentId: string | undefined;
     try {
       // Fail fast, before touching the disk; the transaction below checks again.
@@ -141,6 +230,7 @@ export class Snapshotter {
       }
       final = undefined;
       this.log.debug('snapshot created', { key, parent, kind, id });
+      if (then !== undefined) return await then(s);
       return this.mounts(s);
     } catch (e) {
       for (const dir of [td, final]) {
@@ -165,6 +255,7 @@ export class Snapshotter {
       } catch (e) {
         throw wrapError(e, 'failed to get active mount');
       }
+      if (this.remote !== undefined) await this.remote.ensureServed(s.parentIds);
     } else s = arg;
     return this.mountsOf(s);
   }
@@ -219,10 +310,18 @@ export class Snapshotter {
     }
     // The metadata is gone: the directory goes now; if that fails, Cleanup retries.
     const dir = join(this.snapshotsDir(), removed.id);
+    this.inflight.add(removed.id);
     try {
-      await rm(dir, { recursive: true, force: true });
+      if (removed.details !== undefined && this.remote !== undefined) await this.remote.removed(removed);
+      else if (this.remote !== undefined) await this.remote.releaseUnder(dir);
+      // Never recurse into a mount (a FUSE layer that could not be detached): Cleanup retries.
+      const left = await mountsUnder(dir);
+      if (left.length > 0) this.log.warn('snapshot directory still has mounts; leaving it for Cleanup', { key, path: dir, mounts: left.map((m) => m.mountpoint) });
+      else await rm(dir, { recursive: true, force: true });
     } catch (e) {
       this.log.warn('failed to remove directory', { key, path: dir, error: e });
+    } finally {
+      this.inflight.delete(removed.id);
     }
     this.log.debug('snapshot removed', { key, id: removed.id, kind: removed.kind });
   }
@@ -275,6 +374,12 @@ export class Snapshotter {
       if (this.inflight.has(name) || this.metadata.hasId(name)) continue;
       const p = join(dir, name);
       try {
+        if (this.remote !== undefined) await this.remote.releaseUnder(p);
+        const left = await mountsUnder(p);
+        if (left.length > 0) {
+          this.log.warn('directory without metadata still has mounts; not removing it', { path: p, mounts: left.map((m) => m.mountpoint) });
+          continue;
+        }
         await rm(p, { recursive: true, force: true });
         removed.push(p);
       } catch (e) {
@@ -286,9 +391,13 @@ export class Snapshotter {
     return removed;
   }
 
-  /** Refuses new calls and closes the database (call after the server stopped taking calls). */
-  close(): void {
+  /**
+   * Refuses new calls, stops remote work (the FUSE manager keeps serving) and closes the
+   * database (call after the server stopped taking calls).
+   */
+  async close(): Promise<void> {
     this.closed = true;
+    await this.remote?.close().catch((e: unknown) => this.log.warn('remote snapshots did not close cleanly', { error: e }));
     this.metadata.close();
   }
 }

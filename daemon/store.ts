@@ -463,6 +463,30 @@ export class ArtifactStore {
   }
 
   /**
+   * Remove one blob unless an index record references it (checked under the lock, so a
+   * concurrent addIndexRecord either sees it gone or keeps it). Resolves true when a file was
+   * removed. For blobs fetched into the store without a record (zTOCs of indexes found in a
+   * registry) once nothing uses them.
+   */
+  async removeUnreferencedBlob(digest: string): Promise<boolean> {
+    digestHex(digest);
+    return this.guard('cannot remove the blob', async () => {
+      await this.init();
+      return this.withLock(async () => {
+        if (referencedBlobs(await this.readAllRecords()).has(digest)) return false;
+        try {
+          await unlink(this.blobPath(digest));
+        } catch (err) {
+          if (errCode(err) === 'ENOENT') return false;
+          throw err;
+        }
+        await syncDir(this.blobDir);
+        return true;
+      });
+    });
+  }
+
+  /**
    * Remove temp files (`*.tmp-*`) older than `maxAgeMs` (default 1 hour) left by crashed
    * writers, and with `orphanBlobs` the blobs of that age no record references.
    */

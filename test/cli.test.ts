@@ -41,7 +41,7 @@ t.before(async () => {
 t.teardown(() => rm(dir, { recursive: true, force: true }));
 
 t.test('--help on every command, exit 0', async (t) => {
-  for (const args of [[], ['ztoc'], ['ztoc', 'build'], ['ztoc', 'info'], ['ztoc', 'list'], ['ztoc', 'get-file'], ['version'], ['snapshotter']]) {
+  for (const args of [[], ['ztoc'], ['ztoc', 'build'], ['ztoc', 'info'], ['ztoc', 'list'], ['ztoc', 'get-file'], ['version'], ['snapshotter'], ['explain'], ['install-systemd'], ['rpull']]) {
     const r = await cli([...args, '--help']);
     t.equal(r.code, 0, `${args.join(' ')} --help`);
     t.match(r.stdout, /^Usage: soci-ts/, `${args.join(' ')} prints usage`);

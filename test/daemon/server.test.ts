@@ -338,10 +338,10 @@ t.test('config file and start-up errors', async (t) => {
   t.teardown(() => rm(dir, { recursive: true, force: true }));
   const cfg = join(dir, 'config.toml');
 
-  await writeFile(cfg, 'root = "/tmp/x"\nmetrics_address = "127.0.0.1:8000"\n');
+  await writeFile(cfg, 'root = "/tmp/x"\nmetrics_adress = "127.0.0.1:8000"\n');
   let r = await runDaemon(['--config', cfg]);
   t.equal(r.code, 1, 'unknown key: exit 1');
-  t.match(r.stderr, /config\.toml: unknown key "metrics_address"/, 'names the key and the file');
+  t.match(r.stderr, /config\.toml: unknown key "metrics_adress"/, 'names the key and the file');
 
   await writeFile(cfg, 'root = 5\n');
   r = await runDaemon(['--config', cfg]);

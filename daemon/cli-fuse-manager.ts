@@ -1,0 +1,92 @@
+/**
+ * `soci-ts fuse-manager` (hidden): the FUSE manager process the snapshotter starts (see
+ * daemon/fuse-manager.ts). Runs until SIGTERM or SIGINT, then unmounts its layers and exits 0.
+ */
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { jsonLogger, RegistryClient, type LogLevel } from '../fetcher/index.js';
+import { parseSize } from './cli-util.js';
+import { FuseManager } from './fuse-manager.js';
+import { createMetrics } from './metrics.js';
+import { ArtifactStore } from './store.js';
+
+interface Flags {
+  root: string;
+  socket: string;
+  hostsDir: string;
+  dockerConfig?: string;
+  fetchTimeout: number;
+  memoryCache?: number;
+  diskCache?: number;
+  background: boolean;
+  backgroundRate?: number;
+  backgroundDelay: number;
+  logLevel: LogLevel;
+}
+
+const ms = (v: string): number => {
+  const n = Number(v);
+  if (!Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError(`"${v}" is not a number of milliseconds`);
+  return n;
+};
+
+export function fuseManagerCommand(): Command {
+  const cmd = new Command('fuse-manager')
+    .description('internal: the process that serves the snapshotter\'s lazily mounted layers (started by `soci-ts snapshotter`)')
+    .requiredOption('--root <dir>', 'the snapshotter root (artifact store, span cache)')
+    .requiredOption('--socket <path>', 'unix socket to serve on')
+    .addOption(new Option('--hosts-dir <dir>', 'containerd certs.d directory').default('/etc/containerd/certs.d'))
+    .option('--docker-config <file>', 'docker config.json with auths and credential helpers (default: $DOCKER_CONFIG or ~/.docker)')
+    .addOption(new Option('--fetch-timeout <ms>', 'a read waiting longer for the registry gets EIO').argParser(ms).default(30_000))
+    .addOption(new Option('--memory-cache <size>', 'bound of the inflated-span memory cache').argParser(parseSize))
+    .addOption(new Option('--disk-cache <size>', 'bound of the compressed-span disk cache').argParser(parseSize))
+    .option('--no-background', 'do not fetch the rest of the layers in the background')
+    .addOption(new Option('--background-rate <size>', 'background fetch: compressed bytes per second').argParser(parseSize))
+    .addOption(new Option('--background-delay <ms>', 'background fetch: wait after a mount').argParser(ms).default(10_000))
+    .addOption(new Option('--log-level <level>', 'JSON log lines on stderr at this level and above').choices(['debug', 'info', 'warn', 'error']).default('info'))
+    .action(async (f: Flags) => {
+      const logger = jsonLogger(f.logLevel, process.stderr, { component: 'fuse-manager' });
+      // Credentials come from the docker config and its helpers, read by this process (each
+      // time a registry asks), never handed over by the snapshotter.
+      const client = new RegistryClient({ hostsDir: f.hostsDir, credentials: f.dockerConfig !== undefined ? { configPath: f.dockerConfig } : {}, logger });
+      const store = new ArtifactStore({ root: f.root });
+      // Keeps the process alive while it serves (FUSE threads alone may not).
+      const keepAlive = setInterval(() => undefined, 1 << 30);
+      let manager: FuseManager;
+      try {
+        manager = await FuseManager.start({
+          root: f.root,
+          socket: f.socket,
+          client,
+          store,
+          logger,
+          fetchTimeoutMs: f.fetchTimeout,
+          memoryCacheBytes: f.memoryCache,
+          diskCacheBytes: f.diskCache,
+          background: { enabled: f.background, rateBytesPerSec: f.backgroundRate, startDelayMs: f.backgroundDelay },
+          // Its own registry; the snapshotter's endpoint merges it in (process="fuse-manager").
+          metrics: createMetrics({ process: 'fuse-manager' }),
+        });
+      } catch (err) {
+        clearInterval(keepAlive);
+        await client.close().catch(() => undefined);
+        throw err;
+      }
+      await new Promise<void>((resolve) => {
+        const onSignal = (sig: NodeJS.Signals): void => {
+          logger.info('stop signal: unmounting every layer', { signal: sig, mounts: manager.size });
+          process.off('SIGTERM', onSignal);
+          process.off('SIGINT', onSignal);
+          manager.stop().then(resolve, (e: unknown) => {
+            logger.error('shutdown failed', { error: e });
+            resolve();
+          });
+        };
+        process.on('SIGTERM', onSignal);
+        process.on('SIGINT', onSignal);
+        // A hangup (the terminal that started it is gone) is not a reason to stop serving.
+        process.on('SIGHUP', () => logger.info('SIGHUP ignored'));
+      });
+      clearInterval(keepAlive);
+    });
+  return cmd;
+}

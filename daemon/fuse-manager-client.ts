@@ -1,0 +1,227 @@
+/**
+ * The snapshotter's side of the FUSE manager (daemon/fuse-manager.ts): a client of its socket
+ * protocol (daemon/fuse-protocol.ts), and starting the manager when none answers.
+ *
+ * The manager is started as `node <this CLI> fuse-manager ...` detached from the snapshotter: its
+ * own session and process group (setsid), stdin closed, stdout and stderr appended to a log file,
+ * so that neither a signal to the snapshotter's process group, nor systemd's `KillMode=process`
+ * stop, nor the snapshotter's death reaches it.
+ */
+import { spawn } from 'node:child_process';
+import { mkdir, open, readFile } from 'node:fs/promises';
+import { connect, type Socket } from 'node:net';
+import { dirname } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Logger } from '../fetcher/index.js';
+import { FUSE_MANAGER_PROTOCOL, FuseManagerError, LineSplitter, type HelloResult, type MethodName, type Methods } from './fuse-protocol.js';
+
+/** How long a call may take before the client gives up on it (mounts fetch a zTOC first). */
+const CALL_TIMEOUT_MS: Record<MethodName, number> = {
+  hello: 10_000,
+  mount: 300_000,
+  unmount: 60_000,
+  list: 30_000,
+  status: 30_000,
+  release: 60_000,
+  metrics: 30_000,
+};
+
+interface Pending {
+  resolve: (v: unknown) => void;
+  reject: (e: unknown) => void;
+  timer: NodeJS.Timeout;
+}
+
+export class FuseManagerClient {
+  private nextId = 1;
+  private readonly pending = new Map<number, Pending>();
+  private closedFlag = false;
+  private readonly closeListeners: Array<(err: Error | undefined) => void> = [];
+
+  private constructor(
+    private readonly sock: Socket,
+    readonly socketPath: string,
+  ) {
+    const splitter = new LineSplitter(
+      (line) => this.onLine(line),
+      () => this.fail(new FuseManagerError('internal', socketPath, 'the FUSE manager sent an over-long line')),
+    );
+    sock.on('data', (b: Buffer) => splitter.push(b));
+    sock.on('error', (err) => this.fail(new FuseManagerError('unavailable', socketPath, `connection to the FUSE manager failed: ${err.message}`, { cause: err })));
+    sock.on('close', () => this.fail(new FuseManagerError('unavailable', socketPath, 'the FUSE manager closed the connection')));
+  }
+
+  /** Connects to a manager's socket; rejects with FuseManagerError `unavailable` when nothing answers. */
+  static connect(socketPath: string, timeoutMs = 5000): Promise<FuseManagerClient> {
+    return new Promise((resolve, reject) => {
+      const sock = connect(socketPath);
+      const timer = setTimeout(() => {
+        sock.destroy();
+        reject(new FuseManagerError('unavailable', socketPath, `no FUSE manager answers within ${timeoutMs} ms`));
+      }, timeoutMs);
+      sock.once('connect', () => {
+        clearTimeout(timer);
+        sock.removeAllListeners('error');
+        resolve(new FuseManagerClient(sock, socketPath));
+      });
+      sock.once('error', (err: NodeJS.ErrnoException) => {
+        clearTimeout(timer);
+        reject(new FuseManagerError('unavailable', socketPath, `no FUSE manager is running (${err.code ?? err.message})`, { cause: err }));
+      });
+    });
+  }
+
+  get closed(): boolean {
+    return this.closedFlag;
+  }
+
+  /** Called once when the connection ends (the manager died or closed it, or close() was called). */
+  onClose(fn: (err: Error | undefined) => void): void {
+    if (this.closedFlag) fn(undefined);
+    else this.closeListeners.push(fn);
+  }
+
+  call<M extends MethodName>(method: M, params: Methods[M]['params']): Promise<Methods[M]['result']> {
+    if (this.closedFlag) return Promise.reject(new FuseManagerError('unavailable', this.socketPath, 'the connection to the FUSE manager is closed'));
+    const id = this.nextId++;
+    const ms = (CALL_TIMEOUT_MS as Record<string, number | undefined>)[method] ?? 30_000;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new FuseManagerError('unavailable', this.socketPath, `the FUSE manager did not answer ${method} within ${ms} ms`));
+      }, ms);
+      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, timer });
+      this.sock.write(JSON.stringify({ id, method, params }) + '\n');
+    });
+  }
+
+  hello(): Promise<HelloResult> {
+    return this.call('hello', {});
+  }
+
+  close(): void {
+    if (this.closedFlag) return;
+    this.fail(undefined);
+    this.sock.destroy();
+  }
+
+  private onLine(line: string): void {
+    let msg: { id?: unknown; result?: unknown; error?: unknown };
+    try {
+      msg = JSON.parse(line) as typeof msg;
+    } catch {
+      this.fail(new FuseManagerError('internal', this.socketPath, 'the FUSE manager sent a line that is not JSON'));
+      return;
+    }
+    if (typeof msg.id !== 'number') {
+      // An error about the connection itself (a request it could not parse).
+      if (msg.error !== undefined) this.fail(FuseManagerError.fromWire(msg.error));
+      return;
+    }
+    const p = this.pending.get(msg.id);
+    if (p === undefined) return;
+    this.pending.delete(msg.id);
+    clearTimeout(p.timer);
+    if (msg.error !== undefined) p.reject(FuseManagerError.fromWire(msg.error));
+    else p.resolve(msg.result);
+  }
+
+  private fail(err: Error | undefined): void {
+    if (this.closedFlag) return;
+    this.closedFlag = true;
+    const e = err ?? new FuseManagerError('unavailable', this.socketPath, 'the connection to the FUSE manager is closed');
+    for (const p of this.pending.values()) {
+      clearTimeout(p.timer);
+      p.reject(e);
+    }
+    this.pending.clear();
+    this.sock.destroy();
+    for (const fn of this.closeListeners.splice(0)) fn(err);
+  }
+}
+
+export interface ManagerLaunch {
+  socket: string;
+  /** Arguments after `fuse-manager` (root, socket, settings). */
+  args: readonly string[];
+  /** stdout and stderr of the manager are appended here. */
+  logFile: string;
+  /** How long to wait for a started manager to answer (default 30 s). */
+  startTimeoutMs?: number;
+}
+
+/** The command line that runs this CLI again (the node binary, its flags, the script). */
+function selfCommand(): { cmd: string; args: string[] } {
+  const script = process.argv[1];
+  if (script === undefined) throw new FuseManagerError('unavailable', 'fuse-manager', 'cannot tell which script runs the CLI (process.argv[1] is missing)');
+  return { cmd: process.execPath, args: [...process.execArgv, script] };
+}
+
+/**
+ * Starts a FUSE manager detached (see the module comment) and waits until it answers `hello`.
+ * Rejects with FuseManagerError `unavailable` naming the log file when it exits or does not answer.
+ */
+export async function startFuseManager(launch: ManagerLaunch, logger: Logger): Promise<{ client: FuseManagerClient; hello: HelloResult }> {
+  await mkdir(dirname(launch.logFile), { recursive: true, mode: 0o700 });
+  const log = await open(launch.logFile, 'a', 0o600);
+  const self = selfCommand();
+  let child;
+  try {
+    child = spawn(self.cmd, [...self.args, 'fuse-manager', ...launch.args], { detached: true, stdio: ['ignore', log.fd, log.fd] });
+  } finally {
+    await log.close();
+  }
+  let exited: string | undefined;
+  child.on('exit', (code, signal) => (exited = `exited with code ${String(code)}, signal ${String(signal)}`));
+  child.on('error', (err) => (exited = `could not start: ${err.message}`));
+  child.unref();
+  logger.info('started a FUSE manager', { pid: child.pid, socket: launch.socket, log: launch.logFile });
+  const deadline = Date.now() + (launch.startTimeoutMs ?? 30_000);
+  let last: unknown;
+  for (;;) {
+    if (exited !== undefined) {
+      // Another manager may have won the race for the socket: use it.
+      const c = await tryHello(launch.socket);
+      if (c !== undefined) return c;
+      const tail = (await readFile(launch.logFile, 'utf8').catch(() => '')).trim().split('\n').slice(-5).join('\n');
+      throw new FuseManagerError('unavailable', launch.socket, `the FUSE manager ${exited}; last lines of ${launch.logFile}:\n${tail}`);
+    }
+    const c = await tryHello(launch.socket).catch((err: unknown) => {
+      last = err;
+      return undefined;
+    });
+    if (c !== undefined) return c;
+    if (Date.now() > deadline) {
+      throw new FuseManagerError('unavailable', launch.socket, `the FUSE manager (pid ${String(child.pid)}) does not answer after ${launch.startTimeoutMs ?? 30_000} ms (${last instanceof Error ? last.message : 'no answer'}); see ${launch.logFile}`);
+    }
+    await sleep(100);
+  }
+}
+
+async function tryHello(socket: string): Promise<{ client: FuseManagerClient; hello: HelloResult } | undefined> {
+  let client: FuseManagerClient;
+  try {
+    client = await FuseManagerClient.connect(socket, 2000);
+  } catch {
+    return undefined;
+  }
+  try {
+    const hello = await client.hello();
+    if (hello.protocol !== FUSE_MANAGER_PROTOCOL) {
+      client.close();
+      throw new FuseManagerError('unavailable', socket, `the FUSE manager speaks protocol ${hello.protocol}, this snapshotter ${FUSE_MANAGER_PROTOCOL}`);
+    }
+    return { client, hello };
+  } catch (err) {
+    client.close();
+    if (err instanceof FuseManagerError && /speaks protocol/.test(err.message)) throw err;
+    return undefined;
+  }
+}
+
+/** Connects to the running manager, or starts one. `started` tells which. */
+export async function connectOrStartFuseManager(launch: ManagerLaunch, logger: Logger): Promise<{ client: FuseManagerClient; hello: HelloResult; started: boolean }> {
+  const running = await tryHello(launch.socket);
+  if (running !== undefined) return { ...running, started: false };
+  return { ...(await startFuseManager(launch, logger)), started: true };
+}

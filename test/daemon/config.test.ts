@@ -1,0 +1,83 @@
+/**
+ * The daemon's config parser (a pure parser: TOML text in, settings or a ConfigError out):
+ * every key with its section, sizes and durations in their spellings, and the errors naming the
+ * key and the file.
+ */
+import t from 'tap';
+import { ConfigError, DEFAULT_CONFIG, parseConfig } from '../../daemon/config.js';
+
+t.test('every key, sections, sizes and durations', async (t) => {
+  const c = parseConfig(
+    `root = "/srv/soci"
+address = "/run/x.sock"
+log_level = "debug"
+hosts_dir = ""
+docker_config = "/etc/soci-ts/docker.json"
+
+[snapshotter]
+remote = false
+min_layer_size = "10MiB"
+fuse_manager_address = "/run/fm.sock"
+
+[blob]
+fetch_timeout = "1m"
+
+[background_fetch]
+enabled = false
+rate = 1048576
+start_delay = "500ms"
+
+[cache]
+memory_size = "64MiB"
+disk_size = "2GiB"
+`,
+    'c.toml',
+  );
+  t.same(c, {
+    root: '/srv/soci',
+    address: '/run/x.sock',
+    logLevel: 'debug',
+    hostsDir: '',
+    dockerConfig: '/etc/soci-ts/docker.json',
+    remote: false,
+    minLayerSize: 10 << 20,
+    fuseManagerAddress: '/run/fm.sock',
+    fetchTimeoutMs: 60_000,
+    backgroundFetch: false,
+    backgroundRate: 1 << 20,
+    backgroundStartDelayMs: 500,
+    memoryCacheBytes: 64 << 20,
+    diskCacheBytes: 2 * 1024 * 1024 * 1024,
+  });
+  t.same(parseConfig('', 'empty.toml'), {}, 'an empty file sets nothing');
+  t.same(parseConfig('[blob]\nfetch_timeout = 5\n', 'x'), { fetchTimeoutMs: 5000 }, 'a bare number of seconds');
+  t.same(parseConfig('[snapshotter]\nmin_layer_size = 0\n', 'x'), { minLayerSize: 0 }, 'min_layer_size 0 (every indexed layer lazy)');
+  t.equal(DEFAULT_CONFIG.minLayerSize, 0, "default min_layer_size is upstream's daemon's: 0");
+  t.equal(DEFAULT_CONFIG.remote, true);
+  t.equal(DEFAULT_CONFIG.backgroundFetch, true);
+});
+
+t.test('errors name the key and the file', async (t) => {
+  const bad: Array<[string, RegExp]> = [
+    ['nope = 1\n', /^f\.toml: unknown key "nope"/],
+    ['[cache]\nmemory = "1MiB"\n', /^f\.toml: unknown key "cache\.memory"/],
+    ['[nosuch]\nx = 1\n', /^f\.toml: unknown key "nosuch" /],
+    ['cache = 5\n', /^f\.toml: key "cache" must be a table \(\[cache\]\)/],
+    ['[cache]\ndisk_size = "lots"\n', /^f\.toml: key "cache\.disk_size" must be a size .* \(got "lots"\)/],
+    ['[cache]\ndisk_size = 0\n', /key "cache\.disk_size" must be a whole number of bytes, at least 1/],
+    ['[snapshotter]\nremote = "yes"\n', /key "snapshotter\.remote" must be true or false \(got "yes"\)/],
+    ['[blob]\nfetch_timeout = "soon"\n', /key "blob\.fetch_timeout" must be a duration/],
+    ['[blob]\nfetch_timeout = 0\n', /key "blob\.fetch_timeout" must be a positive duration/],
+    ['docker_config = "relative.json"\n', /key "docker_config" must be an absolute path or ""/],
+    ['root = 5\n', /key "root" must be a string \(got 5\)/],
+    ['[background_fetch\n', /^f\.toml: not valid TOML \(line 1/],
+  ];
+  for (const [text, re] of bad) {
+    t.throws(() => parseConfig(text, 'f.toml'), ConfigError, JSON.stringify(text));
+    try {
+      parseConfig(text, 'f.toml');
+    } catch (e) {
+      t.match((e as Error).message, re, (e as Error).message);
+    }
+  }
+});
