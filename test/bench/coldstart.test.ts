@@ -9,6 +9,9 @@
  *   HTTP headers;
  * - results.json, report.md and chart.svg are written; soci-ts was not asked for, so it is absent;
  * - nothing is left: the bench's temp dir, its mounts and its processes are gone.
+ * The same for the soci-ts mode (rpull, the snapshotter): the layers were mounted over FUSE (the
+ * kernel's mount table), fewer bytes than the layers were fetched, with range requests, and the
+ * command read the same bytes as tar extracts.
  * And SIGINT in the middle of a run: exit code 130, and again nothing is left.
  */
 import t, { type Test } from 'tap';
@@ -120,6 +123,34 @@ t.test('overlayfs, small workload, one run on loopback', async (t) => {
   for (const f of ['report.md', 'chart.svg']) t.ok((await stat(join(out, f))).size > 0, `${f} written`);
   t.match(await readFile(join(out, 'report.md'), 'utf8'), /\| small \| overlayfs \| 1 \|/, 'the report has the run');
   t.match(r.stdout, /loopback\s+small\s+overlayfs\s+1\s+\S+/, 'the terminal table has the run');
+  await gone(t, benchDirs(r.stderr), 3);
+});
+
+t.test('soci-ts, small workload, one run on loopback: lazy, and the same bytes read', async (t) => {
+  const out = await mkdtemp(join(tmpdir(), 'soci-ts-coldstart-test-'));
+  t.teardown(() => rm(out, { recursive: true, force: true }));
+  const r = await bench(['--runs', '1', '--network', 'loopback', '--mode', 'soci-ts', '--only', 'small', '--out', out, '--image-cache', testCacheDir()]);
+  if (r.code !== 0) t.comment(r.stderr.slice(-3000));
+  t.equal(r.code, 0, 'exit 0');
+  const results = JSON.parse(await readFile(join(out, 'results.json'), 'utf8')) as ColdstartResults;
+  t.same(results.modes, [{ mode: 'soci-ts', available: true }], 'soci-ts available in this checkout');
+  const w = results.workloads.find((x) => x.name === 'small');
+  t.ok(w?.soci_index?.startsWith('sha256:'), `soci-ts create --push made an index (${w?.soci_index ?? w?.soci_index_error ?? ''})`);
+  t.ok((w?.layers ?? []).some((l) => l.indexed), 'with a zTOC for at least one layer');
+  const cell = results.runs[0];
+  t.match(cell, { workload: 'small', network: 'loopback', mode: 'soci-ts', status: 'ok', runs: 1 });
+  const sample = cell?.samples[0];
+  if (cell === undefined || sample === undefined) return;
+  t.match(sample.ready_line, /^coldstart ready: read \d+ bytes$/, 'the ready line was seen');
+  t.ok((sample.lazy_mounts ?? 0) >= 1, `FUSE mounts under the snapshotter's root while the container ran (${sample.lazy_mounts ?? 'none'}, from /proc/self/mountinfo)`);
+  const img = await buildImage(testCacheDir(), BUILTIN_IMAGES.small);
+  const layers = img.manifest.layers.reduce((a, l) => a + l.size, 0);
+  t.ok(sample.bytes_fetched < layers, `lazily: fetched ${sample.bytes_fetched} < the layers' ${layers} bytes`);
+  t.ok(sample.range_requests >= 1, `range requests for spans (${sample.range_requests})`);
+  const files = w?.command.slice(4) ?? [];
+  const top = img.layers[img.layers.length - 1];
+  const tarCount = await run('bash', ['-c', 'f=$1; shift; tar -xzOf "$f" "$@" | wc -c', 'x', top?.path ?? '', ...files.map((f) => f.replace(/^\//, ''))]);
+  t.equal(sample.bytes_read, Number(tarCount.stdout.trim()), 'through the lazy layers the command read what tar extracts');
   await gone(t, benchDirs(r.stderr), 3);
 });
 
