@@ -12,6 +12,7 @@ import { explainCommand } from './explain.js';
 import { installSystemdCommand, isSystemdUserError } from './systemd.js';
 import { fuseManagerCommand } from './cli-fuse-manager.js';
 import { isRpullUserError, rpullCommand } from './cli-rpull.js';
+import { benchCommand, isBenchUserError } from './cli-bench.js';
 import {
   buildZtocFromFile,
   encodeZtoc,
@@ -194,6 +195,7 @@ export function buildProgram(): Command {
   program.addCommand(installSystemdCommand());
   program.addCommand(fuseManagerCommand(), { hidden: true });
   program.addCommand(rpullCommand());
+  program.addCommand(benchCommand());
   program
     .command('version')
     .description('print version and the inflate engine in use')
@@ -205,7 +207,7 @@ export function buildProgram(): Command {
 
 /** Is this error the user's to fix (bad input, missing file) rather than ours? */
 function isUserError(err: unknown): boolean {
-  if (err instanceof UsageError || err instanceof ZtocError || isRegistryUserError(err) || isMountUserError(err) || isSnapshotterUserError(err) || isSystemdUserError(err) || isRpullUserError(err)) return true;
+  if (err instanceof UsageError || err instanceof ZtocError || isRegistryUserError(err) || isMountUserError(err) || isSnapshotterUserError(err) || isSystemdUserError(err) || isRpullUserError(err) || isBenchUserError(err)) return true;
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
   return code === 'ENOENT' || code === 'EACCES' || code === 'EISDIR' || code === 'ENOTDIR' || code === 'EPERM';
 }
