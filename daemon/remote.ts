@@ -724,9 +724,13 @@ export class RemoteSnapshots {
     return c.call('status', { mountpoint: this.deps.fsPath(id) });
   }
 
-  /** The FUSE manager's metrics as Prometheus text (FuseManagerError `unsupported` without a sink there). */
+  /**
+   * The FUSE manager's metrics as Prometheus text, or '' while none runs: a scrape must never
+   * start a manager (FuseManagerError `unsupported` when it has no sink).
+   */
   async managerMetrics(): Promise<string> {
-    const c = await this.manager();
+    const c = this.client !== undefined && !this.client.closed ? this.client : undefined;
+    if (c === undefined) return '';
     return (await c.call('metrics', {})).text;
   }
 
