@@ -11,7 +11,6 @@ import { createHash } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { spawn } from 'node:child_process';
 import { startRegistry, registryRequest } from './helpers/registry.js';
 import { defaultImages, pushImage } from './helpers/images.js';
 import { RegistryClient, MEDIA_TYPE_OCI_INDEX, type Descriptor, type Repository } from '../fetcher/index.js';
@@ -19,24 +18,9 @@ import { ANNOTATION_INDEX_DIGEST, EMPTY_CONFIG_DIGEST, MEDIA_TYPE_OCI_MANIFEST, 
 import { ArtifactStore } from '../daemon/store.js';
 import { resolveImages } from '../daemon/workflow.js';
 import { DiscoverError, discoverIndex, pickNewest, type DiscoverTarget } from '../daemon/discover.js';
+import { runCli, type CliResult } from './helpers/cli.js';
 
-interface CliResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-function cli(args: string[]): Promise<CliResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn('bin/soci-ts', args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
-    child.stdout.on('data', (b: Buffer) => out.push(b));
-    child.stderr.on('data', (b: Buffer) => err.push(b));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code: code ?? -1, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') }));
-  });
-}
+const cli = (args: string[]): Promise<CliResult> => runCli(args);
 
 const sha = (b: Uint8Array): string => `sha256:${createHash('sha256').update(b).digest('hex')}`;
 

@@ -9,7 +9,6 @@
  * what `create --json` reported while building the zTOCs (span counts).
  */
 import t from 'tap';
-import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -19,24 +18,9 @@ import { defaultImages, getManifest, pushImage, type OciManifest } from './helpe
 import { RegistryClient, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST as OCI_MANIFEST, type Descriptor } from '../fetcher/index.js';
 import { ANNOTATION_INDEX_DIGEST, ANNOTATION_LAYER_DIGEST, MEDIA_TYPE_SOCI_INDEX_V1 } from '../ztoc/index.js';
 import type { Explanation } from '../daemon/explain.js';
+import { runCli, type CliResult } from './helpers/cli.js';
 
-interface CliResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-function cli(args: string[]): Promise<CliResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn('bin/soci-ts', args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
-    child.stdout.on('data', (b: Buffer) => out.push(b));
-    child.stderr.on('data', (b: Buffer) => err.push(b));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code: code ?? -1, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') }));
-  });
-}
+const cli = (args: string[]): Promise<CliResult> => runCli(args);
 
 const sha = (b: Uint8Array): string => `sha256:${createHash('sha256').update(b).digest('hex')}`;
 

@@ -154,6 +154,26 @@ export function hardlinkGroups(tree: Map<string, TreeEntry>): string[][] {
   return [...byIno.values()].filter((g) => g.length > 1).map((g) => g.sort()).sort((a, b) => a[0]!.localeCompare(b[0]!));
 }
 
+/**
+ * The differences between two snapshots, path by path: `fields` picks what is compared of an
+ * entry (undefined values are not compared when both sides have them undefined).
+ */
+export function diffTrees(got: Map<string, TreeEntry>, oracle: Map<string, TreeEntry>, fields: (p: string, e: TreeEntry) => Record<string, unknown>): string[] {
+  const diffs: string[] = [];
+  for (const [p, want] of oracle) {
+    const have = got.get(p);
+    if (have === undefined) {
+      diffs.push(`${p}: missing`);
+      continue;
+    }
+    const a = fields(p, have);
+    const b = fields(p, want);
+    for (const k of Object.keys(b)) if (JSON.stringify(a[k]) !== JSON.stringify(b[k])) diffs.push(`${p}: ${k} ${JSON.stringify(a[k])} != oracle ${JSON.stringify(b[k])}`);
+  }
+  for (const p of got.keys()) if (!oracle.has(p)) diffs.push(`${p}: not in the oracle`);
+  return diffs;
+}
+
 export interface CompareOptions {
   /** Compare mtimes (default true). */
   mtime?: boolean;
