@@ -13,13 +13,13 @@
  * size in MB of tar, default 300), SOCI_TS_BENCH_SAMPLES (default 7).
  */
 import { spawn } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdir, mkdtemp, open, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { cpus, totalmem, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startRegistry } from '../test/helpers/registry.js';
 import { walkFiles } from '../test/helpers/real-files.js';
+import { sha256File } from '../test/helpers/tree.js';
 import { RegistryClient, type Descriptor } from '../fetcher/index.js';
 import { buildZtocFromFile, LayerIndex } from '../ztoc/index.js';
 import { InflatedSpanCache, LayerFs } from '../fs/index.js';
@@ -85,12 +85,6 @@ async function makeLayer(): Promise<{ tree: string; layer: string }> {
   return { tree, layer };
 }
 
-async function sha256File(p: string): Promise<string> {
-  const h = createHash('sha256');
-  for await (const c of createReadStream(p, { highWaterMark: 1 << 20 })) h.update(c as Buffer);
-  return `sha256:${h.digest('hex')}`;
-}
-
 const dropCaches = (): Promise<string> => sh('sync; echo 3 > /proc/sys/vm/drop_caches');
 
 async function timed(f: () => Promise<unknown>): Promise<number> {
@@ -108,7 +102,7 @@ const rssTimer = setInterval(() => (peakRss = Math.max(peakRss, process.memoryUs
 async function main(): Promise<void> {
   const { tree, layer } = await makeLayer();
   const layerSize = (await stat(layer)).size;
-  const digest = await sha256File(layer);
+  const digest = `sha256:${await sha256File(layer)}`;
   const desc: Descriptor = { mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', digest, size: layerSize };
 
   const reg = await startRegistry();

@@ -28,7 +28,7 @@ import { startFaultProxy } from './helpers/fault-proxy.js';
 import { buildImage, pushImage, MOUNT_IMAGE_SPEC } from './helpers/images.js';
 import { run, testCacheDir } from './helpers/layers.js';
 import { tarTv } from './helpers/oracles.js';
-import { diffTrees, snapshotTree, type TreeEntry } from './helpers/tree.js';
+import { diffTrees, entryFields, hardlinkGroups, snapshotTree, type TreeEntry } from './helpers/tree.js';
 import { readZtoc } from '../ztoc/index.js';
 import { RegistryClient } from '../fetcher/index.js';
 import { unpackLayer } from '../fs/index.js';
@@ -157,37 +157,15 @@ const implicitDirs = new Map<string, number>();
 async function compareWithOracle(t: Test, dir: string, label: string, lazy: ReadonlySet<number>): Promise<void> {
   const got = await snapshotTree(dir, { xattrFilter: USER_XATTRS });
   const skipMtime = new Set([...implicitDirs].filter(([, k]) => lazy.has(k)).map(([p]) => p));
-  const fields = (p: string, e: TreeEntry): Record<string, unknown> => ({
-    type: e.type,
-    perm: e.perm.toString(8),
-    uid: e.uid,
-    gid: e.gid,
-    size: e.size,
-    mtimeMs: e.type === 'dir' && skipMtime.has(p) ? undefined : e.mtimeMs,
-    target: e.target,
-    rdev: e.rdev,
-    xattrs: e.xattrs,
-    sha256: e.sha256,
-    nlink: e.type === 'dir' ? undefined : e.nlink,
-  });
+  const fields = (p: string, e: TreeEntry): Record<string, unknown> => entryFields(e, !(e.type === 'dir' && skipMtime.has(p)));
   const diffs = diffTrees(got, oracle, fields);
   t.same(diffs.slice(0, 40), [], `${label}: all ${oracle.size} paths equal the oracle (${diffs.length} differences; mtimes of ${skipMtime.size} directories only implied by a lazy layer not compared)`);
 
   // Hardlinks: the oracle is one file system (inode numbers identify); overlayfs keeps each
   // layer's device apart, so identity in the mount is (device, inode).
-  const groups = async (root: string, tree: Map<string, TreeEntry>, withDev: boolean): Promise<string[][]> => {
-    const by = new Map<string, string[]>();
-    for (const [p, e] of tree) {
-      if (e.type !== 'reg') continue;
-      const st = await lstat(path.join(root, p), { bigint: true });
-      const key = withDev ? `${st.dev}:${st.ino}` : String(st.ino);
-      by.set(key, [...(by.get(key) ?? []), p]);
-    }
-    return [...by.values()].filter((g) => g.length > 1).map((g) => g.sort()).sort((x, y) => (x[0]! < y[0]! ? -1 : 1));
-  };
-  const want = await groups(oracleRoot, oracle, false);
+  const want = hardlinkGroups(oracle);
   t.ok(want.length > 0, `${label}: the oracle has hardlinks (${want.map((g) => g.length).join(', ')} names)`);
-  t.same(await groups(dir, got, true), want, `${label}: the same hardlink groups`);
+  t.same(hardlinkGroups(got), want, `${label}: the same hardlink groups`);
 }
 
 /** Whiteouts and opaque markers of the layers, checked explicitly against the mount. */

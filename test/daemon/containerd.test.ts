@@ -18,18 +18,16 @@
  *   committed snapshot is still there, and a container runs again.
  */
 import t, { type Test } from 'tap';
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
-import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { pipeline } from 'node:stream/promises';
 import { SnapshotsClient } from '../../daemon/grpc-api.js';
 import { parseCtrTable, startContainerd, type Containerd } from '../helpers/containerd.js';
-import { defaultImages, pushImage, type BuiltImage, type PushedImage } from '../helpers/images.js';
+import { chainIdsOf, defaultImages, pushImage, type BuiltImage, type PushedImage } from '../helpers/images.js';
 import { CommandError, run, type RunResult } from '../helpers/layers.js';
 import { startRegistry, type Registry } from '../helpers/registry.js';
 import { startSnapshotter, type SnapshotterDaemon } from '../helpers/snapshotter.js';
+import { sha256File, treeSums } from '../helpers/tree.js';
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
@@ -87,38 +85,8 @@ async function ctrOk(args: string[]): Promise<string> {
   return r.stdout;
 }
 
-/** Chain IDs of the image's layers, from the config's diff_ids (OCI image spec). */
-async function chainIds(img: BuiltImage): Promise<string[]> {
-  const [, hex] = img.configDigest.split(':');
-  const config = JSON.parse(await readFile(join(img.layoutDir, 'blobs', 'sha256', hex), 'utf8')) as { rootfs: { diff_ids: string[] } };
-  const out: string[] = [];
-  for (const d of config.rootfs.diff_ids) {
-    const prev = out.at(-1);
-    out.push(prev === undefined ? d : `sha256:${createHash('sha256').update(`${prev} ${d}`).digest('hex')}`);
-  }
-  return out;
-}
 
-async function sha256File(p: string): Promise<string> {
-  const h = createHash('sha256');
-  await pipeline(createReadStream(p), h);
-  return h.digest('hex');
-}
 
-/** sha256 of every regular file under `rootfs`, by path inside it. */
-async function treeSums(rootfs: string): Promise<Map<string, string>> {
-  const out = new Map<string, string>();
-  const walk = async (d: string, rel: string): Promise<void> => {
-    for (const e of await readdir(d, { withFileTypes: true })) {
-      const p = join(d, e.name);
-      const r = `${rel}/${e.name}`;
-      if (e.isDirectory()) await walk(p, r);
-      else if (e.isFile()) out.set(r, await sha256File(p));
-    }
-  };
-  await walk(rootfs, '');
-  return out;
-}
 
 /** Runs `sh -c script` in a container of the image on `snapshotter`; its stdout. */
 async function runIn(snapshotter: string, script: string): Promise<string> {
@@ -142,7 +110,7 @@ t.test('pull unpacks into soci-ts snapshots: chain IDs, parents, kinds as overla
     const out = await ctrOk(['images', 'pull', '--plain-http', '--snapshotter', s, pushed.ref]);
     t.match(out, /done/, `pull for ${s}`);
   }
-  const chain = await chainIds(image);
+  const chain = chainIdsOf(image);
   t.equal(chain.length, 4, 'four layers');
   const expected = chain.map((k, i) => ({ KEY: k, PARENT: i === 0 ? '' : chain[i - 1], KIND: 'Committed' })).sort((a, b) => a.KEY.localeCompare(b.KEY));
   const lsOf = async (s: string): Promise<Record<string, string>[]> =>
@@ -214,7 +182,7 @@ function normalize(text: string, s: string): string {
 
 t.test('the same ctr snapshots commands answer alike on soci-ts and overlayfs', async (t) => {
   explainOnFailure(t);
-  const chain = await chainIds(image);
+  const chain = chainIdsOf(image);
   const top = chain[3];
   const script: string[][] = [
     ['prepare', 'act', top],
@@ -303,7 +271,7 @@ t.test('the same ctr snapshots commands answer alike on soci-ts and overlayfs', 
 
 t.test('SIGKILL and restart: containerd reconnects, snapshots and containers still work', async (t) => {
   explainOnFailure(t);
-  const chain = await chainIds(image);
+  const chain = chainIdsOf(image);
   await ctrOk(['snapshots', '--snapshotter', 'soci-ts', 'prepare', 'persist-tmp', chain[3]]);
   await ctrOk(['snapshots', '--snapshotter', 'soci-ts', 'commit', 'persist', 'persist-tmp']);
   const before = normalize(await ctrOk(['snapshots', '--snapshotter', 'soci-ts', 'info', 'persist']), 'soci-ts');

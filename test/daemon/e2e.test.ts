@@ -25,12 +25,9 @@
  * manager stopped, mounts detached, temp dirs removed.
  */
 import t, { type Test } from 'tap';
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { lstat, mkdtemp, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { pipeline } from 'node:stream/promises';
 import { readZtoc, type LayerIndex } from '../../ztoc/index.js';
 import { startContainerd, type Containerd } from '../helpers/containerd.js';
 import { parseExposition, samples, type MetricFamily } from '../helpers/exposition.js';
@@ -39,6 +36,7 @@ import { defaultImages, pushImage, type BuiltImage, type PushedImage } from '../
 import { run } from '../helpers/layers.js';
 import { httpRequest, registryRequest, startRegistry, type Registry } from '../helpers/registry.js';
 import { fuseManagerPid, sociTs, startSnapshotter, stopFuseManager, unmountUnder, type SnapshotterDaemon } from '../helpers/snapshotter.js';
+import { sha256File } from '../helpers/tree.js';
 
 const NS = 'e2e';
 const NS_PLAIN = 'e2e-plain';
@@ -130,11 +128,6 @@ async function scrape(d: SnapshotterDaemon): Promise<Map<string, MetricFamily>> 
 
 const sum = (xs: readonly { value: number }[]): number => xs.reduce((n, s) => n + s.value, 0);
 
-async function sha256File(p: string): Promise<string> {
-  const h = createHash('sha256');
-  await pipeline(createReadStream(p), h);
-  return h.digest('hex');
-}
 
 /** umoci unpack of an image (the oracle): its rootfs. */
 async function unpack(img: BuiltImage, name: string): Promise<string> {

@@ -39,7 +39,7 @@ import { startFaultProxy } from '../helpers/fault-proxy.js';
 import { buildImage, pushImage, MOUNT_IMAGE_SPEC } from '../helpers/images.js';
 import { run, testCacheDir } from '../helpers/layers.js';
 import { tarTv } from '../helpers/oracles.js';
-import { diffTrees, snapshotTree, type TreeEntry } from '../helpers/tree.js';
+import { diffTrees, entryFields, hardlinkGroups, snapshotTree, type TreeEntry } from '../helpers/tree.js';
 import { SOCI_TS_BIN, startSnapshotter, type SnapshotterDaemon } from '../helpers/snapshotter.js';
 
 const LABEL_TARGET = 'containerd.io/snapshot.ref';
@@ -296,36 +296,14 @@ const lazyImplied = new Set<string>();
 
 async function compareWithOracle(t: Test, dir: string, label: string): Promise<void> {
   const got = await snapshotTree(dir, { xattrFilter: USER_XATTRS });
-  const fields = (p: string, e: TreeEntry): Record<string, unknown> => ({
-    type: e.type,
-    perm: e.perm.toString(8),
-    uid: e.uid,
-    gid: e.gid,
-    size: e.size,
-    // The root of an active snapshot's overlay is its (new) upper dir, as with containerd's overlayfs.
-    mtimeMs: e.type === 'dir' && (lazyImplied.has(p) || p === '.') ? undefined : e.mtimeMs,
-    target: e.target,
-    rdev: e.rdev,
-    xattrs: e.xattrs,
-    sha256: e.sha256,
-    nlink: e.type === 'dir' ? undefined : e.nlink,
-  });
+  // The root of an active snapshot's overlay is its (new) upper dir, as with containerd's overlayfs.
+  const fields = (p: string, e: TreeEntry): Record<string, unknown> => entryFields(e, !(e.type === 'dir' && (lazyImplied.has(p) || p === '.')));
   const diffs = diffTrees(got, oracle, fields);
   t.same(diffs.slice(0, 40), [], `${label}: all ${oracle.size} paths equal umoci unpack's (${diffs.length} differences; mtimes of the root and of ${lazyImplied.size} directories only implied by the lazy layer not compared)`);
   // Hardlinks: in the overlay a file's identity is (device, inode).
-  const groups = async (root: string, tree: Map<string, TreeEntry>, withDev: boolean): Promise<string[][]> => {
-    const by = new Map<string, string[]>();
-    for (const [p, e] of tree) {
-      if (e.type !== 'reg') continue;
-      const st = await lstat(path.join(root, p), { bigint: true });
-      const key = withDev ? `${st.dev}:${st.ino}` : String(st.ino);
-      by.set(key, [...(by.get(key) ?? []), p]);
-    }
-    return [...by.values()].filter((g) => g.length > 1).map((g) => g.sort()).sort((x, y) => (x[0]! < y[0]! ? -1 : 1));
-  };
-  const want = await groups(oracleRoot, oracle, false);
+  const want = hardlinkGroups(oracle);
   t.ok(want.length > 0, `${label}: the oracle has hardlinks`);
-  t.same(await groups(dir, got, true), want, `${label}: the same hardlink groups`);
+  t.same(hardlinkGroups(got), want, `${label}: the same hardlink groups`);
 }
 
 /** Files of the big layer, visible as they are in the merged image, each within one span, in distinct middle spans. */
@@ -364,7 +342,6 @@ async function startDaemon(r = root, a = address, cfg = configFile): Promise<{ d
 }
 
 let s1: { d: SnapshotterDaemon; c: SnapshotsClient };
-const fsOf = (id: string): string => path.join(root, 'snapshots', id, 'fs');
 let lazyMountpoint = '';
 let containerMounts: ProtoMount[] = [];
 const rootfs = path.join(work, 'rootfs');

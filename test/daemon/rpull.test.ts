@@ -37,20 +37,19 @@
  */
 import t, { type Test } from 'tap';
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream } from 'node:fs';
-import { mkdtemp, readdir, readFile } from 'node:fs/promises';
+import { mkdtemp, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { pipeline } from 'node:stream/promises';
 import { gzipSync } from 'node:zlib';
 import { SnapshotsClient } from '../../daemon/grpc-api.js';
 import { imageLayersLabel, LABEL_CRI_IMAGE_LAYERS, MAX_LABEL_BYTES } from '../../daemon/rpull.js';
 import { parseCtrTable, startContainerd, type Containerd } from '../helpers/containerd.js';
-import { defaultImages, pushImage, type BuiltImage, type PushedImage } from '../helpers/images.js';
+import { chainIdsOf, defaultImages, pushImage, type BuiltImage, type PushedImage } from '../helpers/images.js';
 import { CommandError, run, type RunResult } from '../helpers/layers.js';
 import { startFaultProxy } from '../helpers/fault-proxy.js';
 import { registryRequest, skopeoCopy, startRegistry, type Registry } from '../helpers/registry.js';
 import { sociTs, startSnapshotter, stopFuseManager, unmountUnder, type SnapshotterDaemon } from '../helpers/snapshotter.js';
+import { treeSums } from '../helpers/tree.js';
 
 let dir: string;
 let registry: Registry;
@@ -196,35 +195,8 @@ async function configOf(img: BuiltImage): Promise<{ rootfs: { diff_ids: string[]
   return JSON.parse(await readFile(join(img.layoutDir, 'blobs', 'sha256', img.configDigest.slice(7)), 'utf8')) as { rootfs: { diff_ids: string[] } };
 }
 
-/** Chain IDs from the config's diff_ids (OCI image spec). */
-async function chainIdsOf(img: BuiltImage): Promise<string[]> {
-  const out: string[] = [];
-  for (const d of (await configOf(img)).rootfs.diff_ids) {
-    const prev = out.at(-1);
-    out.push(prev === undefined ? d : `sha256:${createHash('sha256').update(`${prev} ${d}`).digest('hex')}`);
-  }
-  return out;
-}
 
-async function sha256File(p: string): Promise<string> {
-  const h = createHash('sha256');
-  await pipeline(createReadStream(p), h);
-  return h.digest('hex');
-}
 
-async function treeSums(rootfs: string): Promise<Map<string, string>> {
-  const out = new Map<string, string>();
-  const walk = async (d: string, rel: string): Promise<void> => {
-    for (const e of await readdir(d, { withFileTypes: true })) {
-      const p = join(d, e.name);
-      const r = `${rel}/${e.name}`;
-      if (e.isDirectory()) await walk(p, r);
-      else if (e.isFile()) out.set(r, await sha256File(p));
-    }
-  };
-  await walk(rootfs, '');
-  return out;
-}
 
 function parseSums(text: string): Map<string, string> {
   const got = new Map<string, string>();
@@ -242,7 +214,7 @@ const NS_CTR = 'rpull-b';
 
 t.test('rpull: image record, content, labels and snapshots as containerd\'s own pull', async (t) => {
   explainOnFailure(t);
-  const chain = await chainIdsOf(multi);
+  const chain = chainIdsOf(multi);
   const diffIds = (await configOf(multi)).rootfs.diff_ids;
   t.equal(chain.length, 4, 'four layers');
 
@@ -441,7 +413,7 @@ t.test('a manifest list: the platform\'s manifest, labels as containerd\'s, --pl
   const o = await rpullJson(t, 'rpull-idx-c', ref, ['--platform', `linux/${other}`]);
   t.equal(o.manifest, smallPushed.manifestDigest, `--platform linux/${other} pulls the other manifest`);
   t.equal(o.layers.length, small.layers.length);
-  const chain = await chainIdsOf(small);
+  const chain = chainIdsOf(small);
   t.same((await snapshotsOf('rpull-idx-c', 'soci-ts')).map((s) => s.KEY).sort(), [...chain].sort(), 'its chain IDs');
 });
 
@@ -607,7 +579,7 @@ t.test('an indexed image: every layer served by the snapshotter, no layer blob i
   t.ok(indexed.size >= 1, `${indexed.size} layer(s) have a zTOC (the others are below the minimum layer size)`);
 
   const r = await rpullJson(t, ns, p.ref, [], ctd2);
-  const chain = await chainIdsOf(multi);
+  const chain = chainIdsOf(multi);
   t.same(
     r.layers.map((l) => [l.digest, l.chainId, l.outcome, l.fetchedBytes]),
     p.layers.map((l, i) => [l.digest, chain[i], indexed.has(l.digest) ? 'lazy' : 'local', 0]),

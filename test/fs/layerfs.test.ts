@@ -18,7 +18,7 @@ import * as path from 'node:path';
 import { startRegistry } from '../helpers/registry.js';
 import { startFaultProxy } from '../helpers/fault-proxy.js';
 import { layer, run, testCacheDir, type LayerSpec } from '../helpers/layers.js';
-import { snapshotTree, type TreeEntry } from '../helpers/tree.js';
+import { compareTrees, snapshotTree, type TreeEntry } from '../helpers/tree.js';
 import { RegistryClient, type Descriptor } from '../../fetcher/index.js';
 import { buildZtocFromFile, LayerIndex } from '../../ztoc/index.js';
 import { CompressedSpanStore, InflatedSpanCache, LayerFs, type LayerFsOptions } from '../../fs/index.js';
@@ -114,7 +114,7 @@ function overlayConvert(tree: Map<string, TreeEntry>): Map<string, TreeEntry> {
       out.set(dir, { ...d, xattrs: { ...d.xattrs, 'trusted.overlay.opaque': Buffer.from('y').toString('hex') } });
     } else if (!base.startsWith('.wh..wh.')) {
       const name = path.join(dir, base.slice(4));
-      if (!tree.has(name)) out.set(name, { type: 'char', perm: 0, uid: e.uid, gid: e.gid, size: 0, mtimeMs: e.mtimeMs, rdev: '0,0', xattrs: {}, ino: e.ino, nlink: 1 });
+      if (!tree.has(name)) out.set(name, { type: 'char', perm: 0, uid: e.uid, gid: e.gid, size: 0, mtimeMs: e.mtimeMs, rdev: '0,0', xattrs: {}, ino: e.ino, id: `whiteout:${name}`, nlink: 1 });
     }
   }
   return out;
@@ -129,7 +129,6 @@ async function checkAgainstTar(tt: Test, p: Pushed, label: string): Promise<void
   const got = await snapshotTree(m.mountpoint);
   const want = overlayConvert(await snapshotTree(p.oracle));
   // The root is the mountpoint / the extraction dir: its own attributes are not the layer's.
-  const { compareTrees } = await import('../helpers/tree.js');
   compareTrees(tt, got, want, label, { ignore: (q) => q === '.' });
   tt.ok(m.spans.counters.fetches > 0, `${label}: data came through range reads (${m.spans.counters.fetches} fetches)`);
   await unmount(m);

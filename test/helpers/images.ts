@@ -389,6 +389,19 @@ function tagDescriptor(index: OciIndex, tag: string, layoutDir: string): OciDesc
   return d;
 }
 
+/**
+ * Chain IDs of the image's layers from its config's diff_ids (OCI image spec: the first is
+ * its diff_id, then sha256 of "PARENT DIFF_ID"): the snapshot keys containerd uses.
+ */
+export function chainIdsOf(img: BuiltImage): string[] {
+  const out: string[] = [];
+  for (const { diffId } of img.layers) {
+    const prev = out.at(-1);
+    out.push(prev === undefined ? diffId : `sha256:${createHash('sha256').update(`${prev} ${diffId}`).digest('hex')}`);
+  }
+  return out;
+}
+
 /** Reads a tagged image of an OCI layout: manifest, config digest, layers with diff_ids and blob paths. */
 export async function readImage(layoutDir: string, tag: string): Promise<BuiltImage> {
   const index = await readJson<OciIndex>(path.join(layoutDir, 'index.json'));

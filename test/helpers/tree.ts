@@ -31,6 +31,8 @@ export interface TreeEntry {
   /** Regular files: sha256 hex of the contents. */
   sha256?: string;
   ino: number;
+  /** `dev:ino`: the file's identity (hardlinks share it). */
+  id: string;
   nlink: number;
 }
 
@@ -58,15 +60,6 @@ function minor(rdev: number): number {
   return Number(BigInt(rdev) & 0xffn) | Number((BigInt(rdev) >> 12n) & ~0xffn);
 }
 
-function sha256File(p: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const h = createHash('sha256');
-    createReadStream(p, { highWaterMark: 1 << 20 })
-      .on('data', (c) => h.update(c))
-      .on('error', reject)
-      .on('end', () => resolve(h.digest('hex')));
-  });
-}
 
 /** getfattr escapes `\` and unprintable bytes as `\ooo` octal. */
 function unescapeOctal(s: string): string {
@@ -112,6 +105,12 @@ export function treeXattrs(root: string): Promise<Map<string, Record<string, str
   });
 }
 
+/** Whole milliseconds (rounded down) of a time in nanoseconds, exactly. */
+function floorMs(ns: bigint): number {
+  const ms = ns / 1_000_000n;
+  return Number(ns % 1_000_000n < 0n ? ms - 1n : ms);
+}
+
 /** A snapshot of the tree under `root`, by relative path ('.' for root itself). */
 export async function snapshotTree(root: string, opts: SnapshotOptions = {}): Promise<Map<string, TreeEntry>> {
   const hash = opts.hash ?? true;
@@ -119,23 +118,25 @@ export async function snapshotTree(root: string, opts: SnapshotOptions = {}): Pr
   const xattrs = await treeXattrs(root);
   const walk = async (rel: string): Promise<void> => {
     const abs = rel === '.' ? root : path.join(root, rel);
-    const st = await lstat(abs);
+    // bigint: overlayfs inode numbers can use all 64 bits.
+    const st = await lstat(abs, { bigint: true });
     const type = typeOf(st);
     const xa: Record<string, string> = {};
     for (const [k, v] of Object.entries(xattrs.get(rel) ?? {})) if (opts.xattrFilter === undefined || opts.xattrFilter.test(k)) xa[k] = v;
     const e: TreeEntry = {
       type,
-      perm: st.mode & 0o7777,
-      uid: st.uid,
-      gid: st.gid,
-      size: type === 'reg' || type === 'symlink' ? st.size : 0,
-      mtimeMs: Math.floor(st.mtimeMs),
+      perm: Number(st.mode) & 0o7777,
+      uid: Number(st.uid),
+      gid: Number(st.gid),
+      size: type === 'reg' || type === 'symlink' ? Number(st.size) : 0,
+      mtimeMs: floorMs(st.mtimeNs),
       xattrs: xa,
-      ino: st.ino,
-      nlink: st.nlink,
+      ino: Number(st.ino),
+      id: `${st.dev}:${st.ino}`,
+      nlink: Number(st.nlink),
     };
     if (type === 'symlink') e.target = await readlink(abs);
-    if (type === 'char' || type === 'block') e.rdev = `${major(st.rdev)},${minor(st.rdev)}`;
+    if (type === 'char' || type === 'block') e.rdev = `${major(Number(st.rdev))},${minor(Number(st.rdev))}`;
     if (type === 'reg' && hash) e.sha256 = await sha256File(abs);
     out.set(rel, e);
     if (type === 'dir') {
@@ -147,11 +148,34 @@ export async function snapshotTree(root: string, opts: SnapshotOptions = {}): Pr
   return out;
 }
 
-/** Paths grouped by inode, for regular files with more than one name. */
+/**
+ * Paths grouped by file identity (device and inode: overlayfs keeps each layer's device apart),
+ * for regular files with more than one name.
+ */
 export function hardlinkGroups(tree: Map<string, TreeEntry>): string[][] {
-  const byIno = new Map<number, string[]>();
-  for (const [p, e] of tree) if (e.type === 'reg') byIno.set(e.ino, [...(byIno.get(e.ino) ?? []), p]);
-  return [...byIno.values()].filter((g) => g.length > 1).map((g) => g.sort()).sort((a, b) => a[0]!.localeCompare(b[0]!));
+  const byId = new Map<string, string[]>();
+  for (const [p, e] of tree) if (e.type === 'reg') byId.set(e.id, [...(byId.get(e.id) ?? []), p]);
+  return [...byId.values()].filter((g) => g.length > 1).map((g) => g.sort()).sort((a, b) => (a[0]! < b[0]! ? -1 : 1));
+}
+
+/**
+ * What of an entry is compared with an oracle's: everything but inode numbers and directory
+ * link counts (overlayfs and FUSE count those differently); `mtime` false leaves the time out.
+ */
+export function entryFields(e: TreeEntry, mtime = true): Record<string, unknown> {
+  return {
+    type: e.type,
+    perm: e.perm.toString(8),
+    uid: e.uid,
+    gid: e.gid,
+    size: e.size,
+    mtimeMs: mtime ? e.mtimeMs : undefined,
+    target: e.target,
+    rdev: e.rdev,
+    xattrs: e.xattrs,
+    sha256: e.sha256,
+    nlink: e.type === 'dir' ? undefined : e.nlink,
+  };
 }
 
 /**
@@ -184,40 +208,41 @@ export interface CompareOptions {
 }
 
 /**
- * Asserts `actual` equals `expected` path by path (one assertion per difference, one summary
- * assertion per tree), and that hardlink groups are the same.
+ * Asserts `actual` equals `expected` path by path (one summary assertion listing the
+ * differences), and that hardlink groups are the same.
  */
 export function compareTrees(t: Test, actual: Map<string, TreeEntry>, expected: Map<string, TreeEntry>, label: string, opts: CompareOptions = {}): void {
   const ignore = opts.ignore ?? (() => false);
-  const diffs: string[] = [];
-  const fields = (e: TreeEntry, isDir: boolean): Record<string, unknown> => ({
-    type: e.type,
-    perm: e.perm.toString(8),
-    uid: e.uid,
-    gid: e.gid,
-    size: e.size,
-    ...(opts.mtime === false || (isDir && opts.dirMtime === false) ? {} : { mtimeMs: e.mtimeMs }),
-    target: e.target,
-    rdev: e.rdev,
-    xattrs: e.xattrs,
-    sha256: e.sha256,
-    nlink: e.type === 'dir' ? undefined : e.nlink,
-  });
-  for (const [p, want] of expected) {
-    if (ignore(p)) continue;
-    const got = actual.get(p);
-    if (got === undefined) {
-      diffs.push(`${p}: missing`);
-      continue;
-    }
-    const a = fields(got, got.type === 'dir');
-    const b = fields(want, want.type === 'dir');
-    for (const k of Object.keys(b)) {
-      if (JSON.stringify(a[k]) !== JSON.stringify(b[k])) diffs.push(`${p}: ${k} ${JSON.stringify(a[k])} != expected ${JSON.stringify(b[k])}`);
-    }
-  }
-  for (const p of actual.keys()) if (!ignore(p) && !expected.has(p)) diffs.push(`${p}: unexpected`);
-  t.same(diffs.slice(0, 50), [], `${label}: ${expected.size} paths equal (${diffs.length} differences)`);
   const keep = (m: Map<string, TreeEntry>): Map<string, TreeEntry> => new Map([...m].filter(([p]) => !ignore(p)));
-  t.same(hardlinkGroups(keep(actual)), hardlinkGroups(keep(expected)), `${label}: same hardlink groups`);
+  const got = keep(actual);
+  const want = keep(expected);
+  const diffs = diffTrees(got, want, (_p, e) => entryFields(e, opts.mtime !== false && !(e.type === 'dir' && opts.dirMtime === false)));
+  t.same(diffs.slice(0, 50), [], `${label}: ${expected.size} paths equal (${diffs.length} differences)`);
+  t.same(hardlinkGroups(got), hardlinkGroups(want), `${label}: same hardlink groups`);
+}
+
+/** sha256 (hex) of a file's contents, streamed. */
+export function sha256File(p: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const h = createHash('sha256');
+    createReadStream(p, { highWaterMark: 1 << 20 })
+      .on('data', (c) => h.update(c))
+      .on('error', reject)
+      .on('end', () => resolve(h.digest('hex')));
+  });
+}
+
+/** sha256 of every regular file under `root`, by `/`-rooted path inside it. */
+export async function treeSums(root: string): Promise<Map<string, string>> {
+  const out = new Map<string, string>();
+  const walk = async (d: string, rel: string): Promise<void> => {
+    for (const e of await readdir(d, { withFileTypes: true })) {
+      const p = path.join(d, e.name);
+      const r = `${rel}/${e.name}`;
+      if (e.isDirectory()) await walk(p, r);
+      else if (e.isFile()) out.set(r, await sha256File(p));
+    }
+  };
+  await walk(root, '');
+  return out;
 }
