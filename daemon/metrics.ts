@@ -56,7 +56,7 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { lstat, mkdir, unlink, chmod } from 'node:fs/promises';
-import { connect } from 'node:net';
+import { socketAnswers } from './server.js';
 import { dirname } from 'node:path';
 import { createRequire } from 'node:module';
 import type { Counter, Gauge, Histogram, Registry } from 'prom-client';
@@ -600,17 +600,7 @@ async function removeStaleSocket(path: string, address: string): Promise<void> {
   });
   if (st === undefined) return;
   if (!st.isSocket()) throw new MetricsServerError(address, 'exists and is not a socket: refusing to replace it');
-  const live = await new Promise<boolean>((resolve) => {
-    const s = connect(path);
-    const done = (v: boolean): void => {
-      s.destroy();
-      resolve(v);
-    };
-    s.once('connect', () => done(true));
-    s.once('error', () => done(false));
-    s.setTimeout(2000, () => done(false));
-  });
-  if (live) throw new MetricsServerError(address, 'another process is already serving on this socket');
+  if (await socketAnswers(path)) throw new MetricsServerError(address, 'another process is already serving on this socket');
   await unlink(path);
 }
 

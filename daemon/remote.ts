@@ -30,6 +30,7 @@
 import { lchown, lstat, mkdir, rm, rmdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
+  AuthError,
   FetcherError,
   parseReference,
   type Descriptor,
@@ -46,6 +47,7 @@ import { FuseManagerError, type ManagedMount, type WireDescriptor } from './fuse
 import { configDiffIds, downloadLayerBlob, LayerSetupError, Semaphore, unpackLayerFile } from './layers.js';
 import type { LayerModeRecord, MetadataStore, RemoteDetails, SnapshotRecord, Usage } from './metadata.js';
 import { safeSink, type LayerModeName, type MetricsSink } from './metrics-sink.js';
+import type { LayerModeReason } from './metrics.js';
 import type { ArtifactStore } from './store.js';
 import { detach, mountsUnder } from './sysmount.js';
 
@@ -170,10 +172,14 @@ interface ImageInfo {
 }
 
 /** A failure that makes a layer fall back; `level` is how loudly it is logged. */
+/** The layer-mode metric carries a short stable code; the sentence goes to the log and the metadata. */
+type ReasonCode = LayerModeReason;
+
 class Fallback extends Error {
   constructor(
     readonly reason: string,
     readonly level: 'info' | 'warn',
+    readonly code: ReasonCode,
     options?: { cause?: unknown },
   ) {
     super(reason, options);
@@ -456,9 +462,9 @@ export class RemoteSnapshots {
     try {
       info = await this.imageInfo(req);
       const found = info.manifest.layers.find((l) => l.digest === req.layerDigest);
-      if (found === undefined) throw new Fallback(`image manifest ${req.manifestDigest} has no layer ${req.layerDigest}`, 'warn');
+      if (found === undefined) throw new Fallback(`image manifest ${req.manifestDigest} has no layer ${req.layerDigest}`, 'warn', 'registry-error');
       layer = found;
-      if (info.index === undefined) throw new Fallback(`no SOCI index for the image (${info.noIndex ?? 'not found'})`, 'info');
+      if (info.index === undefined) throw new Fallback(`no SOCI index for the image (${info.noIndex ?? 'not found'})`, 'info', 'no-index');
     } catch (err) {
       return this.fallback(s, req, undefined, err, log);
     }
@@ -472,7 +478,7 @@ export class RemoteSnapshots {
         return { committed: true, mode: 'lazy' };
       }
       const why = ztoc === undefined ? `SOCI index ${index.digest} has no zTOC for the layer` : `the layer (${layer.size} bytes) is smaller than min_layer_size (${this.deps.settings.minLayerSize})`;
-      await this.prepareLocal(s, req, info, layer, why, log);
+      await this.prepareLocal(s, req, info, layer, why, ztoc === undefined ? 'no-ztoc' : 'below-min-size', log);
       return { committed: true, mode: 'local' };
     } catch (err) {
       return this.fallback(s, req, index.digest, err, log);
@@ -483,11 +489,11 @@ export class RemoteSnapshots {
     const reason = err instanceof Fallback ? err.reason : message(err);
     const level = err instanceof Fallback ? err.level : 'warn';
     log[level]('layer not served remotely: containerd applies it (fallback to the overlay path)', { image: req.imageRef, target: req.target, reason, ...(err instanceof Fallback ? {} : { error: err }) });
-    this.recordMode(s, req, 'fallback', reason, indexDigest);
+    this.recordMode(s, req, 'fallback', reason, err instanceof Fallback ? err.code : 'registry-error', indexDigest);
     return { committed: false, reason };
   }
 
-  private recordMode(s: PreparingSnapshot, req: RemoteRequest, mode: LayerModeName, reason: string, indexDigest: string | undefined): LayerModeRecord {
+  private recordMode(s: PreparingSnapshot, req: RemoteRequest, mode: LayerModeName, reason: string, code: ReasonCode, indexDigest: string | undefined): LayerModeRecord {
     const rec: LayerModeRecord = { layerDigest: req.layerDigest, mode, reason, snapshotKey: s.key, imageRef: req.imageRef, ...(indexDigest !== undefined ? { indexDigest } : {}) };
     if (mode === 'fallback') {
       try {
@@ -496,8 +502,7 @@ export class RemoteSnapshots {
         this.log.warn('cannot record the layer mode', { layer: req.layerDigest, error: e });
       }
     }
-    // The metric carries a short stable code (bounded label values); the sentence goes to the log and metadata.
-    this.sink?.layerMode(req.layerDigest, mode, reasonCode(mode, reason));
+    this.sink?.layerMode(req.layerDigest, mode, code);
     return rec;
   }
 
@@ -532,9 +537,9 @@ export class RemoteSnapshots {
     try {
       fetched = await repo.fetchManifest(req.manifestDigest);
     } catch (err) {
-      throw new Fallback(`cannot fetch image manifest ${req.manifestDigest} from ${repo.ref.name}: ${message(err)}`, 'warn', { cause: err });
+      throw new Fallback(`cannot fetch image manifest ${req.manifestDigest} from ${repo.ref.name}: ${message(err)}`, 'warn', err instanceof AuthError ? 'auth' : 'registry-error', { cause: err });
     }
-    if (fetched.parsed.kind !== 'manifest') throw new Fallback(`${req.manifestDigest} is an image index, not an image manifest`, 'warn');
+    if (fetched.parsed.kind !== 'manifest') throw new Fallback(`${req.manifestDigest} is an image index, not an image manifest`, 'warn', 'bad-index');
     const manifest = fetched.parsed.manifest;
     // A SOCI-enabled (v2) image is listed in the image index the manifest was picked from.
     let imageIndex: ImageIndex | undefined;
@@ -552,7 +557,7 @@ export class RemoteSnapshots {
       index = await discoverIndex(repo, { descriptor: fetched.descriptor, manifest, index: imageIndex }, { store: this.deps.store, logger: this.log, indexDigest: req.indexDigest });
     } catch (err) {
       if (err instanceof DiscoverError && err.kind === 'no-index') noIndex = err.message.slice(err.subject.length + 2).replace(/^no SOCI index: /, '');
-      else if (err instanceof DiscoverError || err instanceof FetcherError) throw new Fallback(`SOCI index discovery failed: ${message(err)}`, 'warn', { cause: err });
+      else if (err instanceof DiscoverError || err instanceof FetcherError) throw new Fallback(`SOCI index discovery failed: ${message(err)}`, 'warn', err instanceof AuthError ? 'auth' : 'bad-index', { cause: err });
       else throw err;
     }
     return { repo, manifest, descriptor: fetched.descriptor, index, noIndex, diffIds: configDiffIds(repo, manifest.config, manifest.layers.length), at: Date.now() };
@@ -579,14 +584,15 @@ export class RemoteSnapshots {
       try {
         c = await this.manager();
       } catch (err) {
-        throw new Fallback(`the FUSE manager is unavailable: ${message(err)}`, 'warn', { cause: err });
+        throw new Fallback(`the FUSE manager is unavailable: ${message(err)}`, 'warn', 'fuse-unavailable', { cause: err });
       }
       let mounted: ManagedMount;
       try {
         mounted = await c.call('mount', { mountpoint, imageRef: req.imageRef, layer: wire(layer), ztoc: wire(ztoc), tag: s.key });
       } catch (err) {
-        const why = err instanceof FuseManagerError && err.kind === 'bad-ztoc' ? 'the zTOC is unusable' : 'the FUSE manager cannot mount the layer';
-        throw new Fallback(`${why}: ${message(err)}`, 'warn', { cause: err });
+        const badZtoc = err instanceof FuseManagerError && err.kind === 'bad-ztoc';
+        const why = badZtoc ? 'the zTOC is unusable' : 'the FUSE manager cannot mount the layer';
+        throw new Fallback(`${why}: ${message(err)}`, 'warn', badZtoc ? 'bad-ztoc' : 'fuse-unavailable', { cause: err });
       }
       const details: RemoteDetails = {
         imageRef: req.imageRef,
@@ -610,16 +616,16 @@ export class RemoteSnapshots {
         });
       } catch (err) {
         await c.call('unmount', { mountpoint, release: false }).catch((e: unknown) => log.error('cannot unmount after a failed commit (the next sweep does)', { mountpoint, error: e }));
-        throw new Fallback(`cannot commit the lazy snapshot: ${message(err)}`, 'warn', { cause: err });
+        throw new Fallback(`cannot commit the lazy snapshot: ${message(err)}`, 'warn', 'registry-error', { cause: err });
       }
-      this.recordMode(s, req, 'lazy', '', indexDigest);
+      this.recordMode(s, req, 'lazy', '', 'ztoc', indexDigest);
       log.info('layer mounted lazily: committed as a remote snapshot', { target: req.target, index: indexDigest, ztoc: ztoc.digest, spans: mounted.spans, local: mounted.localSpans, mountMs: mounted.mountMs });
     } finally {
       this.mounting.delete(mountpoint);
     }
   }
 
-  private async prepareLocal(s: PreparingSnapshot, req: RemoteRequest, info: ImageInfo, layer: Descriptor, why: string, log: Logger): Promise<void> {
+  private async prepareLocal(s: PreparingSnapshot, req: RemoteRequest, info: ImageInfo, layer: Descriptor, why: string, code: ReasonCode, log: Logger): Promise<void> {
     const dest = this.deps.fsPath(s.id);
     const subject = `${info.repo.ref.name}@${layer.digest}`;
     const st = await lstat(dest);
@@ -635,8 +641,9 @@ export class RemoteSnapshots {
       await rm(dest, { recursive: true, force: true }).catch(() => undefined);
       await mkdir(dest, { mode: 0o755 });
       await lchown(dest, st.uid, st.gid).catch(() => undefined);
-      if (err instanceof LayerSetupError) throw new Fallback(`cannot unpack the layer locally: ${err.reason}`, 'warn', { cause: err });
-      throw new Fallback(`cannot unpack the layer locally: ${message(err)}`, 'warn', { cause: err });
+      const unpackCode: ReasonCode = layer.mediaType.includes('zstd') ? 'zstd' : 'registry-error';
+      if (err instanceof LayerSetupError) throw new Fallback(`cannot unpack the layer locally: ${err.reason}`, 'warn', unpackCode, { cause: err });
+      throw new Fallback(`cannot unpack the layer locally: ${message(err)}`, 'warn', unpackCode, { cause: err });
     }
     let usage: Usage;
     try {
@@ -657,9 +664,9 @@ export class RemoteSnapshots {
       await rm(dest, { recursive: true, force: true }).catch(() => undefined);
       await mkdir(dest, { mode: 0o755 });
       await lchown(dest, st.uid, st.gid).catch(() => undefined);
-      throw new Fallback(`cannot commit the unpacked snapshot: ${message(err)}`, 'warn', { cause: err });
+      throw new Fallback(`cannot commit the unpacked snapshot: ${message(err)}`, 'warn', 'registry-error', { cause: err });
     }
-    this.recordMode(s, req, 'local', why, indexDigest);
+    this.recordMode(s, req, 'local', why, code, indexDigest);
     log.info('layer unpacked by the snapshotter: committed', { target: req.target, reason: why, ms: Math.round(performance.now() - t0), size: usage.size });
   }
 
@@ -743,16 +750,4 @@ export class RemoteSnapshots {
     this.client?.close();
     this.client = undefined;
   }
-}
-
-/** The short code (daemon/metrics.ts LayerModeReason) for a mode and the sentence that explains it. */
-export function reasonCode(mode: LayerModeName, reason: string): string {
-  if (mode === 'lazy') return 'ztoc';
-  if (mode === 'local') return /smaller than min_layer_size/.test(reason) ? 'below-min-size' : /has no zTOC/.test(reason) ? 'no-ztoc' : 'bad-ztoc';
-  if (/^no SOCI index/.test(reason)) return 'no-index';
-  if (/zstd/i.test(reason)) return 'zstd';
-  if (/FUSE manager is unavailable|\/dev\/fuse|FUSE/.test(reason)) return 'fuse-unavailable';
-  if (/\b(401|403)\b|unauthori[sz]ed|denied|credentials/i.test(reason)) return 'auth';
-  if (/SOCI index discovery failed|zTOC|index/.test(reason)) return 'bad-index';
-  return 'registry-error';
 }

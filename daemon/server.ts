@@ -75,7 +75,7 @@ export interface ServerOptions {
 }
 
 /** Is something accepting connections on this unix socket? */
-function socketAnswers(path: string): Promise<boolean> {
+export function socketAnswers(path: string): Promise<boolean> {
   return new Promise((resolve) => {
     const s = connect(path);
     const done = (v: boolean): void => {
