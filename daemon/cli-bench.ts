@@ -1,7 +1,7 @@
 /** `soci-ts bench coldstart`: the cold-start benchmark (the logic is in bench/coldstart/). */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { parseCount } from './cli-util.js';
-import { ExitCodeError } from './cli-mount.js';
+import { ExitCodeError } from './cli-util.js';
 import { BenchError } from '../bench/coldstart/proc.js';
 import type { ModeName, NetworkName } from '../bench/coldstart/types.js';
 
@@ -36,6 +36,7 @@ interface Flags {
   mode: 'overlayfs' | 'soci-ts' | 'both';
   out?: string;
   ideal?: boolean;
+  keepLogs?: boolean;
   rtt: number;
   bandwidth: number;
   timeout: number;
@@ -52,6 +53,7 @@ function coldstartCommand(): Command {
     .addOption(new Option('--mode <which>', 'overlayfs (ctr pull + run), soci-ts (rpull + run), or both').choices(['overlayfs', 'soci-ts', 'both']).default('both'))
     .option('--out <dir>', 'where results.json, report.md and chart.svg go (default: bench/results/coldstart in the checkout)')
     .option('--ideal', 'also show the ideal: the bytes the lazy run fetched, at the bandwidth')
+    .option('--keep-logs', "keep the snapshotter's and the FUSE manager's logs of every soci-ts run (OUT/logs/)")
     .addOption(new Option('--rtt <duration>', 'round-trip time of the simulated WAN').argParser(parseDuration).default(20, '20ms'))
     .addOption(new Option('--bandwidth <rate>', 'bandwidth of the simulated WAN, each way (tc units: 100mbit, 1gbit)').argParser(parseBandwidth).default(100e6, '100mbit'))
     .addOption(new Option('--timeout <duration>', 'limit for each step (pull, create, run to ready)').argParser(parseDuration).default(20 * 60_000, '20m'))
@@ -95,6 +97,7 @@ A full run (both networks, 3 workloads, 2 modes, 5 runs) takes a while; the quic
           modes,
           outDir: flags.out ?? bench.DEFAULT_OUT_DIR,
           ideal: flags.ideal === true,
+          keepLogs: flags.keepLogs === true,
           rttMs: flags.rtt,
           bandwidthBps: flags.bandwidth,
           stepTimeoutMs: flags.timeout,

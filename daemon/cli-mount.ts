@@ -21,17 +21,10 @@ import { DEFAULT_MIN_LAYER_SIZE } from './workflow.js';
 import { MountError, mountBase, mountId, mountImage, resolveDir, unmountDir, type ImageMount } from './mount.js';
 import { DiscoverError } from './discover.js';
 import { CacheError, FuseError } from '../fs/index.js';
+import { ExitCodeError } from './cli-util.js';
 
-/** Ends the CLI with this exit code after printing the message (a failure relayed from the serving child). */
-export class ExitCodeError extends Error {
-  constructor(
-    message: string,
-    readonly exitCode: number,
-  ) {
-    super(message);
-    this.name = 'ExitCodeError';
-  }
-}
+export { ExitCodeError };
+
 
 /** `30s`, `500ms`, `2m`, or a number of seconds. */
 export function parseDuration(text: string): number {

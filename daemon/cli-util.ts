@@ -3,6 +3,17 @@ import { InvalidArgumentError } from 'commander';
 import { rename, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 
+/** Ends the CLI with this exit code after printing the message (a failure relayed from the serving child). */
+export class ExitCodeError extends Error {
+  constructor(
+    message: string,
+    readonly exitCode: number,
+  ) {
+    super(message);
+    this.name = 'ExitCodeError';
+  }
+}
+
 /** A mistake of the user's (bad argument, missing file): exit code 1. */
 export class UsageError extends Error {
   constructor(message: string, options?: { cause?: unknown }) {

@@ -4,15 +4,7 @@
  */
 import { Command, CommanderError, Option } from 'commander';
 import { readFile } from 'node:fs/promises';
-import { parseCount, parseSize, printTable, progress, UsageError, writeAtomic } from './cli-util.js';
-import { registryCommands, isRegistryUserError } from './cli-registry.js';
-import { mountCommands, isMountUserError, ExitCodeError } from './cli-mount.js';
-import { isSnapshotterUserError, snapshotterCommand } from './cli-snapshotter.js';
-import { explainCommand } from './explain.js';
-import { installSystemdCommand, isSystemdUserError } from './systemd.js';
-import { fuseManagerCommand } from './cli-fuse-manager.js';
-import { isRpullUserError, rpullCommand } from './cli-rpull.js';
-import { benchCommand, isBenchUserError } from './cli-bench.js';
+import { ExitCodeError, parseCount, parseSize, printTable, progress, UsageError, writeAtomic } from './cli-util.js';
 import {
   buildZtocFromFile,
   encodeZtoc,
@@ -178,7 +170,90 @@ function writeToStdout(data: Uint8Array): Promise<void> {
   });
 }
 
-export function buildProgram(): Command {
+/** A group of top-level commands and how to tell its users' errors from ours. */
+interface CommandGroup {
+  commands: Command[];
+  hidden?: boolean;
+  isUserError?: (err: unknown) => boolean;
+}
+
+/**
+ * Every top-level command, by name, with the module that defines it. A command's module (and
+ * what it imports: undici, gRPC, SQLite, FUSE, prom-client) is loaded only when that command
+ * runs, so `soci-ts rpull` does not pay for the snapshotter's dependencies at start-up.
+ */
+const COMMAND_GROUPS: ReadonlyArray<{ names: readonly string[]; load: () => Promise<CommandGroup> }> = [
+  { names: ['ztoc'], load: async () => ({ commands: [ztocCommand()] }) },
+  {
+    names: ['create', 'push', 'convert', 'index'],
+    load: async () => {
+      const m = await import('./cli-registry.js');
+      return { commands: m.registryCommands(), isUserError: m.isRegistryUserError };
+    },
+  },
+  {
+    names: ['mount', 'umount'],
+    load: async () => {
+      const m = await import('./cli-mount.js');
+      return { commands: m.mountCommands(), isUserError: m.isMountUserError };
+    },
+  },
+  {
+    names: ['snapshotter'],
+    load: async () => {
+      const m = await import('./cli-snapshotter.js');
+      return { commands: [m.snapshotterCommand()], isUserError: m.isSnapshotterUserError };
+    },
+  },
+  {
+    names: ['explain'],
+    load: async () => {
+      const [m, r] = await Promise.all([import('./explain.js'), import('./cli-registry.js')]);
+      return { commands: [m.explainCommand()], isUserError: r.isRegistryUserError };
+    },
+  },
+  {
+    names: ['install-systemd'],
+    load: async () => {
+      const m = await import('./systemd.js');
+      return { commands: [m.installSystemdCommand()], isUserError: m.isSystemdUserError };
+    },
+  },
+  {
+    names: ['fuse-manager'],
+    load: async () => {
+      const m = await import('./cli-fuse-manager.js');
+      return { commands: [m.fuseManagerCommand()], hidden: true };
+    },
+  },
+  {
+    names: ['rpull'],
+    load: async () => {
+      const m = await import('./cli-rpull.js');
+      return { commands: [m.rpullCommand()], isUserError: m.isRpullUserError };
+    },
+  },
+  {
+    names: ['bench'],
+    load: async () => {
+      const m = await import('./cli-bench.js');
+      return { commands: [m.benchCommand()], isUserError: m.isBenchUserError };
+    },
+  },
+  { names: ['version'], load: async () => ({ commands: [versionCommand()] }) },
+];
+
+function versionCommand(): Command {
+  return new Command('version').description('print version and the inflate engine in use').action(() => {
+    process.stdout.write(`soci-ts ${VERSION} (node ${process.version}, inflate: ${inflateEngine().name})\n`);
+  });
+}
+
+/**
+ * The program with the commands `argv` needs: only the named command's group when the first
+ * argument names one, else every command (top-level help, `help CMD`, a typo to report).
+ */
+export async function buildProgram(argv: readonly string[] = []): Promise<{ program: Command; isUserError: (err: unknown) => boolean }> {
   const program = new Command('soci-ts')
     .description('Lazy-loading container images with Seekable OCI (SOCI) indexes')
     .version(VERSION)
@@ -187,33 +262,26 @@ export function buildProgram(): Command {
       'after',
       '\nExit codes: 0 success, 1 user error (bad arguments or input; one line on stderr), 2 internal error.',
     );
-  program.addCommand(ztocCommand());
-  for (const c of registryCommands()) program.addCommand(c);
-  for (const c of mountCommands()) program.addCommand(c);
-  program.addCommand(snapshotterCommand());
-  program.addCommand(explainCommand());
-  program.addCommand(installSystemdCommand());
-  program.addCommand(fuseManagerCommand(), { hidden: true });
-  program.addCommand(rpullCommand());
-  program.addCommand(benchCommand());
-  program
-    .command('version')
-    .description('print version and the inflate engine in use')
-    .action(() => {
-      process.stdout.write(`soci-ts ${VERSION} (node ${process.version}, inflate: ${inflateEngine().name})\n`);
-    });
-  return program;
+  const first = argv[2];
+  const named = COMMAND_GROUPS.find((g) => first !== undefined && g.names.includes(first));
+  const groups = await Promise.all((named !== undefined ? [named] : COMMAND_GROUPS).map((g) => g.load()));
+  const checks: Array<(err: unknown) => boolean> = [];
+  for (const g of groups) {
+    for (const c of g.commands) program.addCommand(c, g.hidden === true ? { hidden: true } : {});
+    if (g.isUserError !== undefined) checks.push(g.isUserError);
+  }
+  return { program, isUserError: (err) => checks.some((f) => f(err)) };
 }
 
 /** Is this error the user's to fix (bad input, missing file) rather than ours? */
-function isUserError(err: unknown): boolean {
-  if (err instanceof UsageError || err instanceof ZtocError || isRegistryUserError(err) || isMountUserError(err) || isSnapshotterUserError(err) || isSystemdUserError(err) || isRpullUserError(err) || isBenchUserError(err)) return true;
+function isUserError(err: unknown, commandErrors: (err: unknown) => boolean): boolean {
+  if (err instanceof UsageError || err instanceof ZtocError || commandErrors(err)) return true;
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
   return code === 'ENOENT' || code === 'EACCES' || code === 'EISDIR' || code === 'ENOTDIR' || code === 'EPERM';
 }
 
 export async function main(argv: string[]): Promise<number> {
-  const program = buildProgram();
+  const { program, isUserError: commandErrors } = await buildProgram(argv);
   program.exitOverride();
   program.configureOutput({ writeErr: (s) => process.stderr.write(s) });
   for (const cmd of program.commands) {
@@ -234,7 +302,7 @@ export async function main(argv: string[]): Promise<number> {
       process.stderr.write(`soci-ts: ${err.message}\n`);
       return err.exitCode;
     }
-    if (isUserError(err)) {
+    if (isUserError(err, commandErrors)) {
       process.stderr.write(`soci-ts: ${(err as Error).message}\n`);
       return 1;
     }

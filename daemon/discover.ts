@@ -170,31 +170,8 @@ export async function loadZtoc(
   layer: Descriptor,
   opts: { store?: ArtifactStore; logger?: Logger; maxZtocBytes?: number } = {},
 ): Promise<LayerIndex> {
-  const logger = opts.logger ?? repo.client.logger;
-  const store = opts.store;
-  const maxZtocBytes = opts.maxZtocBytes ?? DEFAULT_MAX_ZTOC_BYTES;
   const subject = `zTOC ${desc.digest} (layer ${layer.digest})`;
-  let bytes: Uint8Array | undefined;
-  if (store !== undefined) {
-    try {
-      if (await store.hasBlob(desc.digest)) bytes = await store.readBlob(desc.digest, { size: desc.size });
-    } catch (err) {
-      // A corrupt copy has been removed by the store; fetch it again.
-      logger.warn('zTOC in the store unusable; fetching it from the registry', { ztoc: desc.digest, error: err });
-    }
-  }
-  if (bytes === undefined) {
-    if (desc.size > maxZtocBytes) throw new DiscoverError('bad-ztoc', subject, `${desc.size} bytes is over the ${maxZtocBytes}-byte limit`);
-    try {
-      bytes = await repo.fetchBlob(desc, maxZtocBytes);
-    } catch (err) {
-      const reason = err instanceof Error ? err.message : String(err);
-      throw new DiscoverError('bad-ztoc', subject, `cannot fetch it from ${repo.ref.name}: ${reason}`, { cause: err });
-    }
-    if (store !== undefined) {
-      await store.putBlob(bytes, desc.digest).catch((err: unknown) => logger.warn('cannot keep the zTOC in the store', { ztoc: desc.digest, error: err }));
-    }
-  }
+  const bytes = await ztocBytes(repo, desc, subject, opts);
   let index: LayerIndex;
   try {
     index = readZtoc(bytes, subject);
@@ -205,6 +182,41 @@ export async function loadZtoc(
     throw new DiscoverError('bad-ztoc', subject, `indexes a blob of ${index.ztoc.compressedArchiveSize} bytes, but the layer has ${layer.size}`);
   }
   return index;
+}
+
+/**
+ * Fetches a layer's zTOC into the store ahead of its mount (the FUSE manager then reads it from
+ * there), unless the store has it. Digest-checked by the fetcher; not parsed (loadZtoc does).
+ */
+export async function prefetchZtoc(repo: Repository, desc: Descriptor, layer: Descriptor, opts: { store: ArtifactStore; logger?: Logger; maxZtocBytes?: number }): Promise<void> {
+  await ztocBytes(repo, desc, `zTOC ${desc.digest} (layer ${layer.digest})`, opts);
+}
+
+/** A zTOC's bytes: the store's copy when it is intact, else the registry's (then kept in the store). */
+async function ztocBytes(repo: Repository, desc: Descriptor, subject: string, opts: { store?: ArtifactStore; logger?: Logger; maxZtocBytes?: number }): Promise<Uint8Array> {
+  const logger = opts.logger ?? repo.client.logger;
+  const store = opts.store;
+  const maxZtocBytes = opts.maxZtocBytes ?? DEFAULT_MAX_ZTOC_BYTES;
+  if (store !== undefined) {
+    try {
+      if (await store.hasBlob(desc.digest)) return await store.readBlob(desc.digest, { size: desc.size });
+    } catch (err) {
+      // A corrupt copy has been removed by the store; fetch it again.
+      logger.warn('zTOC in the store unusable; fetching it from the registry', { ztoc: desc.digest, error: err });
+    }
+  }
+  if (desc.size > maxZtocBytes) throw new DiscoverError('bad-ztoc', subject, `${desc.size} bytes is over the ${maxZtocBytes}-byte limit`);
+  let bytes: Uint8Array;
+  try {
+    bytes = await repo.fetchBlob(desc, maxZtocBytes);
+  } catch (err) {
+    const reason = err instanceof Error ? err.message : String(err);
+    throw new DiscoverError('bad-ztoc', subject, `cannot fetch it from ${repo.ref.name}: ${reason}`, { cause: err });
+  }
+  if (store !== undefined) {
+    await store.putBlob(bytes, desc.digest).catch((err: unknown) => logger.warn('cannot keep the zTOC in the store', { ztoc: desc.digest, error: err }));
+  }
+  return bytes;
 }
 
 function imageSubject(repo: Repository, image: Descriptor): string {

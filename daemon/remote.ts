@@ -40,7 +40,7 @@ import {
   type RegistryClient,
   type Repository,
 } from '../fetcher/index.js';
-import { DiscoverError, discoverIndex, type DiscoveredIndex } from './discover.js';
+import { DiscoverError, discoverIndex, prefetchZtoc, type DiscoveredIndex } from './discover.js';
 import { diskUsage } from './diskusage.js';
 import { connectOrStartFuseManager, FuseManagerClient, type ManagerLaunch } from './fuse-manager-client.js';
 import { FuseManagerError, type ManagedMount, type WireDescriptor } from './fuse-protocol.js';
@@ -66,6 +66,8 @@ const DIGEST_RE = /^sha256:[0-9a-f]{64}$/;
 const NO_INDEX_TTL_MS = 60_000;
 const IMAGE_CACHE_ENTRIES = 64;
 const DOWNLOAD_CONCURRENCY = 3;
+/** zTOCs of an image's later layers fetched ahead into the store, this many at a time. */
+const ZTOC_PREFETCH_CONCURRENCY = 3;
 const UNUSED_DOWNLOAD_MS = 10 * 60_000;
 const RECONNECT_MIN_MS = 1000;
 const RECONNECT_MAX_MS = 60_000;
@@ -258,6 +260,9 @@ export class RemoteSnapshots {
   private readonly sink: MetricsSink | undefined;
   private readonly images = new Map<string, Promise<ImageInfo>>();
   private readonly downloads: LayerDownloads;
+  /** zTOC digest → its fetch into the store, started by an earlier Prepare of the image. */
+  private readonly ztocFetches = new Map<string, Promise<void>>();
+  private readonly ztocLimit = new Semaphore(ZTOC_PREFETCH_CONCURRENCY);
   /** Mountpoints a Prepare is mounting right now (reconcile leaves them alone). */
   private readonly mounting = new Set<string>();
   private client: FuseManagerClient | undefined;
@@ -457,6 +462,9 @@ export class RemoteSnapshots {
    */
   async prepare(s: PreparingSnapshot, req: RemoteRequest): Promise<PrepareOutcome> {
     const log = this.log.child({ key: s.key, layer: req.layerDigest });
+    // Start the FUSE manager while discovery runs (a new process takes a few hundred ms); a
+    // failure here is reported by the mount that needs it.
+    if (!this.closed && (this.client === undefined || this.client.closed)) this.manager().catch(() => undefined);
     let info: ImageInfo;
     let layer: Descriptor;
     try {
@@ -470,6 +478,7 @@ export class RemoteSnapshots {
     }
     const index = info.index;
     this.prefetchLocalLayers(info, req);
+    this.prefetchZtocs(info, req);
     const ztoc = index.ztocFor(layer.digest);
     const small = ztoc !== undefined && layer.size < this.deps.settings.minLayerSize;
     try {
@@ -576,10 +585,34 @@ export class RemoteSnapshots {
     }
   }
 
+  /**
+   * Starts fetching into the store the zTOCs of this and the following layers that will be
+   * mounted lazily, so that their Prepares (containerd sends them one after another) only mount.
+   */
+  private prefetchZtocs(info: ImageInfo, req: RemoteRequest): void {
+    const index = info.index;
+    if (index === undefined) return;
+    const wanted = new Set(req.imageLayers.length > 0 ? req.imageLayers : [req.layerDigest]);
+    for (const l of info.manifest.layers) {
+      if (!wanted.has(l.digest) || l.size < this.deps.settings.minLayerSize) continue;
+      const z = index.ztocFor(l.digest);
+      if (z === undefined || this.ztocFetches.has(z.digest)) continue;
+      const p = this.ztocLimit
+        .run(() => prefetchZtoc(info.repo, z, l, { store: this.deps.store, logger: this.log }))
+        .catch((err: unknown) => this.log.debug('fetching a zTOC ahead failed (its mount fetches it again)', { layer: l.digest, ztoc: z.digest, error: err }))
+        .finally(() => {
+          if (this.ztocFetches.get(z.digest) === p) this.ztocFetches.delete(z.digest);
+        });
+      this.ztocFetches.set(z.digest, p);
+    }
+  }
+
   private async prepareLazy(s: PreparingSnapshot, req: RemoteRequest, info: ImageInfo, layer: Descriptor, ztoc: Descriptor, log: Logger): Promise<void> {
     const mountpoint = this.deps.fsPath(s.id);
     this.mounting.add(mountpoint);
     try {
+      // A fetch of this zTOC already under way: the manager reads it from the store afterwards.
+      await this.ztocFetches.get(ztoc.digest);
       let c: FuseManagerClient;
       try {
         c = await this.manager();

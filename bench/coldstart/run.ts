@@ -237,11 +237,12 @@ async function emptyContainerd(env: Env, snapshotters: readonly string[]): Promi
 }
 
 /** Stops the snapshotter, removes its root (mounts included), starts it on a fresh root. */
-async function restartSnapshotter(env: Env): Promise<void> {
+async function restartSnapshotter(env: Env, logLabel?: string): Promise<void> {
   const s = env.snap;
   if (s === undefined) return;
   if (s.daemon !== undefined) {
     await s.daemon.stop();
+    if (env.opts.keepLogs === true && logLabel !== undefined) await keepLogs(env, s, logLabel);
     env.cleanup.untrackGroup(s.daemon.pid);
     // What it started in a session of its own (the FUSE manager, `--root` under its root) goes too.
     await stopProcessesMentioning(s.root);
@@ -253,6 +254,20 @@ async function restartSnapshotter(env: Env): Promise<void> {
   await mkdir(s.root, { recursive: true });
   s.daemon = await startSnapshotter({ root: s.root, address: s.address, logLevel: 'info', startTimeoutMs: 60_000 });
   env.cleanup.trackGroup(s.daemon.pid);
+}
+
+/** Copies the stopped snapshotter's log and its FUSE manager's log to OUT/logs/LABEL-*.log. */
+async function keepLogs(env: Env, s: SnapshotterState, label: string): Promise<void> {
+  const dir = join(env.opts.outDir, 'logs');
+  const slug = label.replace(/[^A-Za-z0-9._-]+/g, '-');
+  try {
+    await mkdir(dir, { recursive: true });
+    await writeFile(join(dir, `${slug}-snapshotter.log`), s.daemon?.logs() ?? '');
+    const manager = await readFile(join(s.root, 'fuse-manager.log')).catch(() => Buffer.alloc(0));
+    await writeFile(join(dir, `${slug}-fuse-manager.log`), manager);
+  } catch (e) {
+    env.warn(`cannot keep the logs of ${label}: ${(e as Error).message}`);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -562,7 +577,7 @@ export async function runColdstart(opts: ColdstartOptions): Promise<ColdstartRun
               if (signal?.aborted !== true) {
                 const left = await emptyContainerd(env, m.mode === 'soci-ts' ? [SNAPSHOTTER, 'overlayfs'] : ['overlayfs']).catch((e: unknown) => [`cleanup failed: ${(e as Error).message}`]);
                 if (left.length > 0) warn(`after ${label}: removed leftovers: ${left.join(', ')}`);
-                if (m.mode === 'soci-ts') await restartSnapshotter(env);
+                if (m.mode === 'soci-ts') await restartSnapshotter(env, `${network}-${cell.workload.name}-run${run}`);
               }
             }
           }

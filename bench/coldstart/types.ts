@@ -40,6 +40,8 @@ export interface ColdstartOptions {
   stepTimeoutMs: number;
   /** Cache dir for the built-in images. */
   imageCacheDir: string;
+  /** Keep the snapshotter's and the FUSE manager's logs of every soci-ts run under OUT/logs/. */
+  keepLogs?: boolean;
   /** Where progress lines go (default stderr). */
   progress?: (line: string) => void;
   /** Abort (Ctrl-C): the bench stops, cleans up and rejects with the signal's reason. */

@@ -369,7 +369,7 @@ for (const { spec, mediaType } of FIXTURES) {
 
 /** A 3-layer image built with umoci from real files: layer 2 deletes, replaces and re-types; layer 3 re-creates. */
 async function whiteoutImage(): Promise<BuiltImage> {
-  const dir = await cached(path.join(CACHE, 'image-unpack-whiteouts-v1'), async (tmp) => {
+  const dir = await cached(path.join(CACHE, 'image-unpack-whiteouts-v2'), async (tmp) => {
     const bundle = `${tmp}.bundle`;
     const img = `${tmp}:latest`;
     try {
@@ -396,10 +396,13 @@ async function whiteoutImage(): Promise<BuiltImage> {
         rm -rf dir-to-file; echo now-a-file > dir-to-file
         chmod 0700 etc/keep.txt; echo changed >> usr/share/coreutils/copyright
         mkdir -p new/deeper; echo n > new/deeper/n; setfattr -n user.dirattr -v d new
-        rm lnk; ln -s etc lnk`);
+        rm lnk; ln -s etc lnk
+        touch -h -d @1600000000 etc`);
       await run('umoci', ['repack', '--refresh-bundle', '--image', img, bundle]);
       await sh(`cd "$1"
-        mkdir gone; echo back > gone/again; rm -rf new/deeper; echo hard2 > etc/hard2`);
+        mkdir gone; echo back > gone/again; rm -rf new/deeper; echo hard2 > etc/hard2
+        # etc keeps the mtime layer 2 recorded, so this layer has a file in an unlisted (implicit) directory.
+        touch -h -d @1600000000 etc`);
       await run('umoci', ['repack', '--refresh-bundle', '--image', img, bundle]);
       await run('umoci', ['gc', '--layout', tmp]);
     } finally {
