@@ -57,9 +57,14 @@ Metrics of both processes are served together at GET /metrics on the metrics add
         config.metricsAddress = flags.metricsAddress;
       }
       const logger = jsonLogger(config.logLevel, process.stderr, { component: 'snapshotter' });
-      const client = new RegistryClient({ hostsDir: config.hostsDir, credentials: config.dockerConfig !== '' ? { configPath: config.dockerConfig } : {}, logger });
       // ---- hooks (daemon/metrics.ts, daemon/socket-activation.ts): the metrics endpoint, a socket-activated listener.
       const metrics = createMetrics({ process: 'snapshotter' });
+      const client = new RegistryClient({
+        hostsDir: config.hostsDir,
+        credentials: config.dockerConfig !== '' ? { configPath: config.dockerConfig } : {},
+        logger,
+        onRetry: (e) => metrics.retry(e.operation, e.cause),
+      });
       const metricsConfigured = flags.metricsAddress !== undefined || fromFile.metricsAddress !== undefined;
       const endpoint = await startDaemonMetrics(config.metricsAddress, metricsConfigured, [{ name: 'snapshotter', collect: metrics.text }], logger);
       const remote = remoteOptions(config, client, metrics);
