@@ -22,7 +22,7 @@ interface Flags {
 export function snapshotterCommand(): Command {
   return new Command('snapshotter')
     .description("serve containerd's Snapshots API on a unix socket (a containerd proxy snapshotter plugin); runs until SIGTERM or SIGINT")
-    .option('--config <file>', `TOML config file (keys root, address, log_level, hosts_dir, docker_config, [snapshotter], [blob], [background_fetch], [cache]; default ${DEFAULT_CONFIG_PATH}, when it exists)`)
+    .option('--config <file>', `TOML config file (keys root, address, log_level, hosts_dir, docker_config, [snapshotter], [blob], [background_fetch], [cache], [pull_modes.soci_v1], [pull_modes.soci_v2]; default ${DEFAULT_CONFIG_PATH}, when it exists)`)
     .option('--root <dir>', `directory for the metadata database and the snapshots (default ${DEFAULT_CONFIG.root})`)
     .option('--address <socket>', `unix socket to serve on (default ${DEFAULT_CONFIG.address})`)
     .addOption(new Option('--log-level <level>', `JSON log lines on stderr at this level and above (default ${DEFAULT_CONFIG.logLevel})`).choices(['debug', 'info', 'warn', 'error']))
@@ -126,7 +126,11 @@ export function remoteOptions(config: SnapshotterConfig, client: RegistryClient,
   return {
     client,
     store: new ArtifactStore({ root: config.root }),
-    settings: { minLayerSize: config.minLayerSize, manager: { socket, args, logFile: join(config.root, 'fuse-manager.log') } },
+    settings: {
+      minLayerSize: config.minLayerSize,
+      manager: { socket, args, logFile: join(config.root, 'fuse-manager.log') },
+      pullModes: { v1: config.sociV1, v2: config.sociV2 },
+    },
     metrics,
   };
 }

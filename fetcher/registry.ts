@@ -219,8 +219,9 @@ export class RegistryClient {
   }
 
   /** @internal Runs `attempt` in the retry loop (see withRetries), each retry reported as `operation`. */
-  retrying<T>(operation: RetryOperation, subject: string, attempt: (n: number) => Promise<T>, signal?: AbortSignal): Promise<T> {
-    return withRetries(subject, this.retry, this.logger, attempt, signal, { operation, observer: this.onRetry });
+  retrying<T>(operation: RetryOperation, subject: string, attempts: number | undefined, attempt: (n: number) => Promise<T>, signal?: AbortSignal): Promise<T> {
+    const retry = attempts === undefined ? this.retry : { ...this.retry, attempts: Math.max(1, attempts) };
+    return withRetries(subject, retry, this.logger, attempt, signal, { operation, observer: this.onRetry });
   }
 
   /** @internal Reports a retry made by a loop of its own (a resumed download). */
@@ -456,14 +457,14 @@ export class Repository {
    * reference's digest, else its tag), checked against its digest (the one asked for, or the
    * `Docker-Content-Digest` the registry states for a tag) and the size limit.
    */
-  async fetchManifest(reference?: string | Descriptor): Promise<FetchedManifest> {
+  async fetchManifest(reference?: string | Descriptor, opts: { attempts?: number } = {}): Promise<FetchedManifest> {
     const target = typeof reference === 'object' ? reference.digest : (reference ?? this.ref.digest ?? this.ref.tag ?? 'latest');
     const byDigest = target.includes(':');
     const subject = `${this.ref.name}${byDigest ? '@' : ':'}${target}`;
     const expectedSize = typeof reference === 'object' ? reference.size : undefined;
     const limit = this.client.maxManifestBytes;
     if (expectedSize !== undefined && expectedSize > limit) throw new ProtocolError(subject, `manifest of ${expectedSize} bytes is over the ${limit}-byte limit`);
-    return this.client.retrying('manifest', subject, async () => {
+    return this.client.retrying('manifest', subject, opts.attempts, async () => {
       const { res } = await this.send({
         method: 'GET',
         path: `manifests/${encodeURIComponent(target).replace(/%3A/g, ':')}`,
@@ -498,7 +499,7 @@ export class Repository {
   /** The descriptor of a manifest by tag or digest, or undefined when it does not exist (HEAD). */
   async statManifest(reference: string): Promise<Descriptor | undefined> {
     const subject = `${this.ref.name}:${reference}`;
-    return this.client.retrying('manifest', subject, async () => {
+    return this.client.retrying('manifest', subject, undefined, async () => {
       const { res } = await this.send({ method: 'HEAD', path: `manifests/${reference}`, headers: { accept: MANIFEST_ACCEPT }, capability: 'resolve', actions: ['pull'], follow: true, subject });
       discardBody(res);
       if (res.status === 404) return undefined;
@@ -523,7 +524,7 @@ export class Repository {
   /** Size of a blob if the registry has it (HEAD), else undefined. */
   async statBlob(digest: string): Promise<number | undefined> {
     const subject = this.blobSubject(digest);
-    return this.client.retrying('blob', subject, async () => {
+    return this.client.retrying('blob', subject, undefined, async () => {
       const { res } = await this.send({ method: 'HEAD', path: `blobs/${digest}`, capability: 'pull', actions: ['pull'], follow: true, subject });
       discardBody(res);
       if (res.status === 404) return undefined;
@@ -537,7 +538,7 @@ export class Repository {
   async fetchBlob(desc: Descriptor, maxBytes = 64 << 20): Promise<Buffer> {
     const subject = this.blobSubject(desc.digest);
     if (desc.size > maxBytes) throw new ProtocolError(subject, `blob of ${desc.size} bytes is over the ${maxBytes}-byte limit for a whole-blob read`);
-    return this.client.retrying('blob', subject, async () => {
+    return this.client.retrying('blob', subject, undefined, async () => {
       const res = await this.getBlob(desc, subject, undefined);
       if (res.status !== 200 && res.status !== 206) throw await statusError(res, subject, 'fetching the blob failed', this.client.transport.timeouts);
       const bytes = await readBody(res, subject, this.client.transport.timeouts, { expected: desc.size, max: maxBytes, what: 'blob' });
@@ -696,7 +697,7 @@ export class Repository {
     const subject = this.blobSubject(desc.digest);
     let remaining = parts;
     try {
-      await this.client.retrying('range', subject, async () => {
+      await this.client.retrying('range', subject, undefined, async () => {
         let start = Number.POSITIVE_INFINITY;
         let end = 0;
         for (const p of remaining) {
@@ -787,7 +788,7 @@ export class Repository {
     const subject = this.blobSubject(desc.digest);
     const timeouts = this.client.transport.timeouts;
     const push = ['pull', 'push'];
-    return this.client.retrying('push', subject, async () => {
+    return this.client.retrying('push', subject, undefined, async () => {
       const head = await this.send({ method: 'HEAD', path: `blobs/${desc.digest}`, capability: 'push', actions: push, follow: true, subject });
       discardBody(head.res);
       if (head.res.status === 200) return 'exists';
@@ -903,7 +904,7 @@ export class Repository {
     const target = reference ?? digest;
     const subject = `${this.ref.name}${target.includes(':') ? '@' : ':'}${target}`;
     const parsed = parseManifest(bytes, mediaType, subject);
-    const res = await this.client.retrying('push', subject, async () => {
+    const res = await this.client.retrying('push', subject, undefined, async () => {
       const { res } = await this.send({
         method: 'PUT',
         path: `manifests/${target}`,
@@ -956,21 +957,22 @@ export class Repository {
   /**
    * Manifests that name `subjectDigest` as their subject, optionally only of `artifactType`:
    * from the referrers API, or, where the registry answers 404 there, from the fallback tag.
+   * `attempts` bounds the attempts of each request (default: the client's retry policy).
    */
-  async referrers(subjectDigest: string, artifactType?: string): Promise<ReferrersResult> {
+  async referrers(subjectDigest: string, artifactType?: string, opts: { attempts?: number } = {}): Promise<ReferrersResult> {
     const subject = `${this.ref.name}@${subjectDigest} referrers`;
     const timeouts = this.client.transport.timeouts;
     const descriptors: Descriptor[] = [];
     let path = `referrers/${subjectDigest}`;
     let query: Record<string, string> | undefined = artifactType === undefined ? undefined : { artifactType };
     for (let page = 0; page < 100; page++) {
-      const { res, url } = await this.client.retrying('referrers', subject, () =>
+      const { res, url } = await this.client.retrying('referrers', subject, opts.attempts, () =>
         this.send({ method: 'GET', path, query, headers: { accept: MEDIA_TYPE_OCI_INDEX }, capability: 'referrers', actions: ['pull'], follow: true, subject }),
       );
       if (res.status === 404 || res.status === 400 || res.status === 405) {
         discardBody(res);
         if (page > 0) throw new RegistryError(subject, `referrers page ${page + 1} answered HTTP ${res.status}`, { status: res.status });
-        return { descriptors: await this.referrersFromTag(subjectDigest, artifactType), source: 'tag' };
+        return { descriptors: await this.referrersFromTag(subjectDigest, artifactType, opts.attempts), source: 'tag' };
       }
       if (res.status !== 200) throw await statusError(res, subject, 'listing referrers failed', timeouts);
       const bytes = await readBody(res, subject, timeouts, { max: this.client.maxManifestBytes, what: 'referrers index' });
@@ -986,9 +988,9 @@ export class Repository {
     return { descriptors: artifactType === undefined ? descriptors : descriptors.filter((d) => d.artifactType === artifactType), source: 'api' };
   }
 
-  private async referrersFromTag(subjectDigest: string, artifactType: string | undefined): Promise<Descriptor[]> {
+  private async referrersFromTag(subjectDigest: string, artifactType: string | undefined, attempts?: number): Promise<Descriptor[]> {
     try {
-      const { parsed } = await this.fetchManifest(referrersTag(subjectDigest));
+      const { parsed } = await this.fetchManifest(referrersTag(subjectDigest), { attempts });
       if (parsed.kind !== 'index') throw new ProtocolError(`${this.ref.name}:${referrersTag(subjectDigest)}`, 'the referrers tag does not hold an image index');
       return parsed.index.manifests.filter((d) => artifactType === undefined || d.artifactType === artifactType);
     } catch (err) {
