@@ -47,7 +47,14 @@ export function fuseManagerCommand(): Command {
       const logger = jsonLogger(f.logLevel, process.stderr, { component: 'fuse-manager' });
       // Credentials come from the docker config and its helpers, read by this process (each
       // time a registry asks), never handed over by the snapshotter.
-      const client = new RegistryClient({ hostsDir: f.hostsDir, credentials: f.dockerConfig !== undefined ? { configPath: f.dockerConfig } : {}, logger });
+      // Its own registry; the snapshotter's endpoint merges it in (process="fuse-manager").
+      const metrics = createMetrics({ process: 'fuse-manager' });
+      const client = new RegistryClient({
+        hostsDir: f.hostsDir,
+        credentials: f.dockerConfig !== undefined ? { configPath: f.dockerConfig } : {},
+        logger,
+        onRetry: (e) => metrics.retry(e.operation, e.cause),
+      });
       const store = new ArtifactStore({ root: f.root });
       // Keeps the process alive while it serves (FUSE threads alone may not).
       const keepAlive = setInterval(() => undefined, 1 << 30);
@@ -63,8 +70,7 @@ export function fuseManagerCommand(): Command {
           memoryCacheBytes: f.memoryCache,
           diskCacheBytes: f.diskCache,
           background: { enabled: f.background, rateBytesPerSec: f.backgroundRate, startDelayMs: f.backgroundDelay },
-          // Its own registry; the snapshotter's endpoint merges it in (process="fuse-manager").
-          metrics: createMetrics({ process: 'fuse-manager' }),
+          metrics,
         });
       } catch (err) {
         clearInterval(keepAlive);

@@ -22,7 +22,7 @@ interface Flags {
 export function snapshotterCommand(): Command {
   return new Command('snapshotter')
     .description("serve containerd's Snapshots API on a unix socket (a containerd proxy snapshotter plugin); runs until SIGTERM or SIGINT")
-    .option('--config <file>', `TOML config file (keys root, address, log_level, hosts_dir, docker_config, [snapshotter], [blob], [background_fetch], [cache]; default ${DEFAULT_CONFIG_PATH}, when it exists)`)
+    .option('--config <file>', `TOML config file (keys root, address, log_level, hosts_dir, docker_config, [snapshotter], [blob], [background_fetch], [cache], [pull_modes.soci_v1], [pull_modes.soci_v2]; default ${DEFAULT_CONFIG_PATH}, when it exists)`)
     .option('--root <dir>', `directory for the metadata database and the snapshots (default ${DEFAULT_CONFIG.root})`)
     .option('--address <socket>', `unix socket to serve on (default ${DEFAULT_CONFIG.address})`)
     .addOption(new Option('--log-level <level>', `JSON log lines on stderr at this level and above (default ${DEFAULT_CONFIG.logLevel})`).choices(['debug', 'info', 'warn', 'error']))
@@ -57,9 +57,14 @@ Metrics of both processes are served together at GET /metrics on the metrics add
         config.metricsAddress = flags.metricsAddress;
       }
       const logger = jsonLogger(config.logLevel, process.stderr, { component: 'snapshotter' });
-      const client = new RegistryClient({ hostsDir: config.hostsDir, credentials: config.dockerConfig !== '' ? { configPath: config.dockerConfig } : {}, logger });
       // ---- hooks (daemon/metrics.ts, daemon/socket-activation.ts): the metrics endpoint, a socket-activated listener.
       const metrics = createMetrics({ process: 'snapshotter' });
+      const client = new RegistryClient({
+        hostsDir: config.hostsDir,
+        credentials: config.dockerConfig !== '' ? { configPath: config.dockerConfig } : {},
+        logger,
+        onRetry: (e) => metrics.retry(e.operation, e.cause),
+      });
       const metricsConfigured = flags.metricsAddress !== undefined || fromFile.metricsAddress !== undefined;
       const endpoint = await startDaemonMetrics(config.metricsAddress, metricsConfigured, [{ name: 'snapshotter', collect: metrics.text }], logger);
       const remote = remoteOptions(config, client, metrics);
@@ -121,7 +126,11 @@ export function remoteOptions(config: SnapshotterConfig, client: RegistryClient,
   return {
     client,
     store: new ArtifactStore({ root: config.root }),
-    settings: { minLayerSize: config.minLayerSize, manager: { socket, args, logFile: join(config.root, 'fuse-manager.log') } },
+    settings: {
+      minLayerSize: config.minLayerSize,
+      manager: { socket, args, logFile: join(config.root, 'fuse-manager.log') },
+      pullModes: { v1: config.sociV1, v2: config.sociV2 },
+    },
     metrics,
   };
 }

@@ -25,9 +25,17 @@
  *   memory_size = "256MiB"                   # inflated spans in the FUSE manager's memory
  *   disk_size = "10GiB"                      # compressed spans on disk (<root>/cache/spans)
  *
+ *   [pull_modes.soci_v1]
+ *   enable = true                            # use v1 SOCI indexes (found through the image's referrers); upstream's default: false
+ *
+ *   [pull_modes.soci_v2]
+ *   enable = true                            # use v2 SOCI indexes (SOCI-enabled images, `soci-ts convert`)
+ *
  * Sizes are a number of bytes or a string with a unit (`4MiB`, `512KiB`, `1GiB`); durations a
  * number of seconds or a string (`30s`, `500ms`, `2m`). Command-line flags override the file. An
  * unknown key (or section) or a value of the wrong type is an error naming the key and the file.
+ * Sections nest (`[pull_modes.soci_v1]` is the table `soci_v1` in the table `pull_modes`); a key
+ * is named by its dotted path (`pull_modes.soci_v1.enable`).
  */
 import { readFile } from 'node:fs/promises';
 import { parse as parseToml, TomlError } from 'smol-toml';
@@ -57,6 +65,10 @@ export interface SnapshotterConfig {
   backgroundStartDelayMs: number;
   memoryCacheBytes: number;
   diskCacheBytes: number;
+  /** `[pull_modes.soci_v1] enable`: discovery may use v1 SOCI indexes. */
+  sociV1: boolean;
+  /** `[pull_modes.soci_v2] enable`: discovery may use v2 SOCI indexes. */
+  sociV2: boolean;
 }
 
 export const DEFAULT_CONFIG: Readonly<SnapshotterConfig> = Object.freeze({
@@ -76,6 +88,10 @@ export const DEFAULT_CONFIG: Readonly<SnapshotterConfig> = Object.freeze({
   backgroundStartDelayMs: 10_000,
   memoryCacheBytes: 256 << 20,
   diskCacheBytes: 10 * 1024 * 1024 * 1024,
+  // Both on (upstream since v0.10: v1 off, v2 on): `soci-ts create --push`, the way most of our
+  // users index images, makes v1 indexes. See the README.
+  sociV1: true,
+  sociV2: true,
 });
 
 export class ConfigError extends Error {
@@ -178,9 +194,17 @@ const KEYS: Record<string, { field: keyof SnapshotterConfig; convert: Converter 
   'background_fetch.start_delay': { field: 'backgroundStartDelayMs', convert: duration },
   'cache.memory_size': { field: 'memoryCacheBytes', convert: size(1) },
   'cache.disk_size': { field: 'diskCacheBytes', convert: size(1) },
+  'pull_modes.soci_v1.enable': { field: 'sociV1', convert: boolean },
+  'pull_modes.soci_v2.enable': { field: 'sociV2', convert: boolean },
 };
 
-const SECTIONS = new Set(Object.keys(KEYS).filter((k) => k.includes('.')).map((k) => k.slice(0, k.indexOf('.'))));
+/** Every table a key lives in, nested ones by their dotted path (`pull_modes`, `pull_modes.soci_v1`). */
+const SECTIONS = new Set(
+  Object.keys(KEYS).flatMap((k) => {
+    const parts = k.split('.');
+    return parts.slice(0, -1).map((_, i) => parts.slice(0, i + 1).join('.'));
+  }),
+);
 
 function isTable(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v) && !(v instanceof Date);
@@ -197,12 +221,16 @@ export function parseConfig(text: string, file: string): Partial<SnapshotterConf
   }
   const out: Partial<SnapshotterConfig> = {};
   const entries: Array<[string, unknown]> = [];
-  for (const [k, v] of Object.entries(doc)) {
-    if (SECTIONS.has(k)) {
-      if (!isTable(v)) throw new ConfigError(file, `key "${k}" must be a table ([${k}]) (got ${JSON.stringify(v)})`);
-      for (const [k2, v2] of Object.entries(v)) entries.push([`${k}.${k2}`, v2]);
-    } else entries.push([k, v]);
-  }
+  const flatten = (table: Record<string, unknown>, prefix: string): void => {
+    for (const [k, v] of Object.entries(table)) {
+      const path = prefix === '' ? k : `${prefix}.${k}`;
+      if (SECTIONS.has(path)) {
+        if (!isTable(v)) throw new ConfigError(file, `key "${path}" must be a table ([${path}]) (got ${JSON.stringify(typeof v === 'bigint' ? Number(v) : v)})`);
+        flatten(v, path);
+      } else entries.push([path, v]);
+    }
+  };
+  flatten(doc, '');
   for (const [k, v] of entries) {
     const spec = KEYS[k];
     if (spec === undefined) throw new ConfigError(file, `unknown key "${k}" (known: ${Object.keys(KEYS).join(', ')})`);

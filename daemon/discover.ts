@@ -18,6 +18,14 @@
  * SOCI index, for another image, missing from the store) is a `bad-index` error rather than
  * a silent fall-through, so what gets mounted never depends on which source happened to fail.
  *
+ * Pull modes (`pullModes`, the daemon's `[pull_modes.soci_v1]` / `[pull_modes.soci_v2]`
+ * `enable`): an index of a disabled version is never used, wherever it is found (store records
+ * of that format are passed over; the v2 annotation is not followed; the referrers are not
+ * asked). Only when no enabled mode has an index does discovery look at the disabled ones
+ * (the v2 annotation costs nothing; for v1, one referrers request without retries), to say
+ * why: `mode-disabled`, naming the version, the index and the config key that enables it,
+ * rather than `no-index`. An explicit index digest is used whatever its version (as upstream).
+ *
  * zTOCs are fetched lazily, once each (`loadZtoc`): from the store when it has the blob, else
  * from the registry (the fetcher checks the digest); fetched zTOCs are put into the store so
  * the next mount needs no network for them.
@@ -51,6 +59,8 @@ export type IndexSource = 'store' | 'v2' | 'v1' | 'explicit';
 export type DiscoverErrorKind =
   /** No source has an index for the image. */
   | 'no-index'
+  /** No enabled pull mode has an index, but a disabled one has (see `DiscoverError.disabled`). */
+  | 'mode-disabled'
   /** An index was found but cannot be used (malformed, not a SOCI index, for another image, missing). */
   | 'bad-index'
   /** The index has no zTOC for the layer asked about. */
@@ -58,16 +68,43 @@ export type DiscoverErrorKind =
   /** A zTOC could not be fetched or is malformed or does not fit its layer. */
   | 'bad-ztoc';
 
+/** Which SOCI index versions discovery may use. */
+export interface PullModes {
+  v1: boolean;
+  v2: boolean;
+}
+
+export const DEFAULT_PULL_MODES: Readonly<PullModes> = Object.freeze({ v1: true, v2: true });
+
+/** The config section whose `enable` turns a version's discovery on. */
+export const PULL_MODE_SECTION: Readonly<Record<SociIndexVersion, string>> = Object.freeze({ v1: '[pull_modes.soci_v1]', v2: '[pull_modes.soci_v2]' });
+
+/** An index discovery saw but did not use because its version is disabled. */
+export interface DisabledIndex {
+  version: SociIndexVersion;
+  digest: string;
+  /** Where it was seen, in words. */
+  where: string;
+}
+
 /** Discovery failed. Names the image (or zTOC) and the reason. */
 export class DiscoverError extends Error {
   readonly kind: DiscoverErrorKind;
   /** The image (`repo@digest`), index or zTOC the error is about. */
   readonly subject: string;
-  constructor(kind: DiscoverErrorKind, subject: string, reason: string, options?: { cause?: unknown }) {
+  /** For `mode-disabled`: the indexes of disabled versions. */
+  readonly disabled: readonly DisabledIndex[];
+  constructor(kind: DiscoverErrorKind, subject: string, reason: string, options?: { cause?: unknown; disabled?: readonly DisabledIndex[] }) {
     super(`${subject}: ${reason}`, options);
     this.name = 'DiscoverError';
     this.kind = kind;
     this.subject = subject;
+    this.disabled = options?.disabled ?? [];
+  }
+
+  /** The message without the subject in front. */
+  get reason(): string {
+    return this.message.startsWith(`${this.subject}: `) ? this.message.slice(this.subject.length + 2) : this.message;
   }
 }
 
@@ -89,9 +126,12 @@ export interface DiscoverOptions {
   maxZtocBytes?: number;
   /**
    * Use exactly this SOCI index manifest (from the store when it has the blob, else the
-   * registry) instead of searching the sources; an unusable one is `bad-index`.
+   * registry) instead of searching the sources; an unusable one is `bad-index`. Used whatever
+   * the pull modes say.
    */
   indexDigest?: string;
+  /** Which index versions may be used (default: both). */
+  pullModes?: PullModes;
 }
 
 const DEFAULT_SOURCES: readonly IndexSource[] = ['store', 'v2', 'v1'];
@@ -260,9 +300,21 @@ export function pickNewest(candidates: readonly Descriptor[]): Descriptor | unde
   return best?.d;
 }
 
-async function fromStore(repo: Repository, target: DiscoverTarget, store: ArtifactStore, logger: Logger): Promise<{ descriptor: Descriptor; bytes: Uint8Array } | undefined> {
+async function fromStore(
+  repo: Repository,
+  target: DiscoverTarget,
+  store: ArtifactStore,
+  logger: Logger,
+  modes: PullModes,
+  disabled: DisabledIndex[],
+): Promise<{ descriptor: Descriptor; bytes: Uint8Array } | undefined> {
   const subject = imageSubject(repo, target.descriptor);
-  const records = await store.listIndexRecords({ imageManifestDigest: target.descriptor.digest });
+  const all = await store.listIndexRecords({ imageManifestDigest: target.descriptor.digest });
+  const records = all.filter((r) => modes[r.format]);
+  for (const version of ['v1', 'v2'] as const) {
+    const newest = all.find((r) => r.format === version);
+    if (!modes[version] && newest !== undefined) disabled.push({ version, digest: newest.digest, where: `the local store ${store.root}` });
+  }
   const record = records[0];
   if (record === undefined) return undefined;
   if (records.length > 1) logger.debug('several indexes in the store for the image; using the newest', { image: target.descriptor.digest, index: record.digest, others: records.slice(1).map((r) => r.digest) });
@@ -305,7 +357,10 @@ async function fetchIndexManifest(repo: Repository, ref: Descriptor | string, su
 export async function discoverIndex(repo: Repository, target: DiscoverTarget, opts: DiscoverOptions = {}): Promise<DiscoveredIndex> {
   const logger = opts.logger ?? repo.client.logger;
   const subject = imageSubject(repo, target.descriptor);
+  const modes = opts.pullModes ?? DEFAULT_PULL_MODES;
   const tried: string[] = [];
+  const disabled: DisabledIndex[] = [];
+  const fallbackTag = `fallback tag ${target.descriptor.digest.replace(':', '-')}`;
   if (opts.indexDigest !== undefined) {
     let found: { descriptor: Descriptor; bytes: Uint8Array } | undefined;
     if (opts.store !== undefined) {
@@ -333,33 +388,73 @@ export async function discoverIndex(repo: Repository, target: DiscoverTarget, op
     logger.info('SOCI index found', { image: target.descriptor.digest, index: found.descriptor.digest, source: 'explicit', version: parsed.version, ztocs: ztocs.size });
     return new DiscoveredIndex(repo, target.descriptor, target.manifest, 'explicit', found.descriptor, parsed, ztocs, opts.store, logger, opts.maxZtocBytes ?? DEFAULT_MAX_ZTOC_BYTES);
   }
-  for (const source of opts.sources ?? DEFAULT_SOURCES) {
+  const sources = opts.sources ?? DEFAULT_SOURCES;
+  for (const source of sources) {
     let found: { descriptor: Descriptor; bytes: Uint8Array } | undefined;
     if (source === 'store') {
       if (opts.store === undefined) continue;
-      found = await fromStore(repo, target, opts.store, logger);
-      if (found === undefined) tried.push(`none in the local store ${opts.store.root}`);
+      found = await fromStore(repo, target, opts.store, logger, modes, disabled);
+      if (found === undefined) tried.push(`none in the local store ${opts.store.root}${modes.v1 && modes.v2 ? '' : ' of an enabled version'}`);
     } else if (source === 'v2') {
       const candidate = v2Candidate(target);
-      if (candidate !== undefined) found = await fetchIndexManifest(repo, candidate, subject, 'v2');
-      else tried.push(`no ${ANNOTATION_INDEX_DIGEST} annotation (not a SOCI-enabled image)`);
+      if (candidate === undefined) tried.push(`no ${ANNOTATION_INDEX_DIGEST} annotation (not a SOCI-enabled image${modes.v2 ? '' : '; v2 discovery is disabled anyway'})`);
+      else if (!modes.v2) {
+        disabled.push({ version: 'v2', digest: typeof candidate === 'string' ? candidate : candidate.digest, where: `the image's ${ANNOTATION_INDEX_DIGEST} annotation (a SOCI-enabled image)` });
+        tried.push(`v2 discovery is disabled (${PULL_MODE_SECTION.v2} enable = false)`);
+      } else found = await fetchIndexManifest(repo, candidate, subject, 'v2');
     } else {
+      if (!modes.v1) {
+        tried.push(`v1 discovery is disabled (${PULL_MODE_SECTION.v1} enable = false)`);
+        continue;
+      }
       const referrers = await repo.referrers(target.descriptor.digest, MEDIA_TYPE_SOCI_INDEX_V1);
       const candidates = referrers.descriptors.filter((d) => d.mediaType === MEDIA_TYPE_OCI_MANIFEST);
       const chosen = pickNewest(candidates);
       if (chosen !== undefined) {
         if (candidates.length > 1) logger.debug('several v1 SOCI indexes; using the newest', { image: target.descriptor.digest, index: chosen.digest, count: candidates.length });
         found = await fetchIndexManifest(repo, chosen, subject, 'v1');
-      } else tried.push(`no v1 SOCI index among its referrers (${referrers.source === 'api' ? 'referrers API' : `fallback tag ${target.descriptor.digest.replace(':', '-')}`})`);
+      } else tried.push(`no v1 SOCI index among its referrers (${referrers.source === 'api' ? 'referrers API' : fallbackTag})`);
     }
     if (found === undefined) continue;
     const { parsed, ztocs } = parseIndex(found.bytes, found.descriptor.digest, target, subject, logger);
     if (source === 'v2' && parsed.version !== 'v2') logger.warn('the SOCI-enabled image names a v1 index', { index: found.descriptor.digest });
+    if (!modes[parsed.version]) {
+      // A v1 index named by a SOCI-enabled image's annotation, or a store record whose format says otherwise.
+      disabled.push({ version: parsed.version, digest: found.descriptor.digest, where: source === 'store' ? `the local store ${opts.store?.root ?? ''}` : SOURCE_WORDS[source] });
+      tried.push(`${SOURCE_WORDS[source]} names a ${parsed.version} index, and ${parsed.version} discovery is disabled`);
+      continue;
+    }
     logger.info('SOCI index found', { image: target.descriptor.digest, index: found.descriptor.digest, source, version: parsed.version, ztocs: ztocs.size });
     return new DiscoveredIndex(repo, target.descriptor, target.manifest, source, found.descriptor, parsed, ztocs, opts.store, logger, opts.maxZtocBytes ?? DEFAULT_MAX_ZTOC_BYTES);
   }
+  // Nothing usable. A disabled v1 is looked at now, only to say why.
+  if (!modes.v1 && sources.includes('v1')) {
+    try {
+      const referrers = await repo.referrers(target.descriptor.digest, MEDIA_TYPE_SOCI_INDEX_V1, { attempts: 1 });
+      const chosen = pickNewest(referrers.descriptors.filter((d) => d.mediaType === MEDIA_TYPE_OCI_MANIFEST));
+      if (chosen !== undefined) disabled.push({ version: 'v1', digest: chosen.digest, where: `its referrers (${referrers.source === 'api' ? 'referrers API' : fallbackTag})` });
+    } catch (err) {
+      logger.debug('cannot look for a v1 index (v1 discovery is disabled anyway)', { image: target.descriptor.digest, error: err });
+      tried.push(`(whether it has a v1 index could not be checked: ${err instanceof Error ? err.message : String(err)})`);
+    }
+  }
+  const unique = disabled.filter((d, i) => disabled.findIndex((e) => e.version === d.version && e.digest === d.digest) === i);
+  if (unique.length > 0) {
+    const what = unique.map((d) => `a ${d.version} index (${d.digest}, in ${d.where})`).join(' and ');
+    const enable = [...new Set(unique.map((d) => d.version))].map((v) => `set enable = true under ${PULL_MODE_SECTION[v]} in the daemon config`).join(' and ');
+    throw new DiscoverError('mode-disabled', subject, `SOCI index only in a disabled pull mode: the image has ${what}, but ${[...new Set(unique.map((d) => d.version))].join(' and ')} discovery is disabled; to use it, ${enable} (looked: ${tried.join('; ')})`, {
+      disabled: unique,
+    });
+  }
   throw new DiscoverError('no-index', subject, `no SOCI index: ${tried.join('; ')}`);
 }
+
+const SOURCE_WORDS: Record<IndexSource, string> = {
+  store: 'the local store',
+  v2: `the image's ${ANNOTATION_INDEX_DIGEST} annotation`,
+  v1: "the image's v1 referrers",
+  explicit: 'the index digest given explicitly',
+};
 
 /** Errors of discovery are the user's to act on (exit code 1). */
 export function isDiscoverUserError(err: unknown): boolean {

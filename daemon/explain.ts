@@ -12,14 +12,19 @@
  *   smaller than the daemon's min_layer_size; `bad-ztoc`: its zTOC cannot be fetched or does
  *   not fit the layer);
  * - `fallback`: containerd fetches and applies it the normal way (`no-index`, with where
- *   discovery looked; `bad-index`; `auth`; `registry-error`; `zstd`; `unsupported-media-type`).
+ *   discovery looked; `mode-disabled`: the only index is of a version the daemon's pull modes
+ *   disable, named with the config key that enables it; `bad-index`; `auth`; `registry-error`;
+ *   `zstd`; `unsupported-media-type`).
+ *
+ * The daemon's config file (`--config`) gives min_layer_size and the pull modes, so the rows
+ * are what that daemon would do.
  */
 import { Command, Option } from 'commander';
 import { AuthError, FetcherError, formatPlatform, layerCompression, normalizePlatform, type Descriptor, type Logger, type Repository } from '../fetcher/index.js';
 import { addRegistryOptions, setup, type RegistryOptions } from './cli-registry.js';
 import { parseSize } from './cli-util.js';
-import { DEFAULT_CONFIG_PATH, readConfig } from './config.js';
-import { DiscoverError, discoverIndex, type DiscoveredIndex, type IndexSource } from './discover.js';
+import { DEFAULT_CONFIG, DEFAULT_CONFIG_PATH, readConfig } from './config.js';
+import { DiscoverError, discoverIndex, type DiscoveredIndex, type IndexSource, type PullModes } from './discover.js';
 import type { LayerMode, LayerModeReason } from './metrics.js';
 import type { ArtifactStore } from './store.js';
 import { resolveImages, DEFAULT_MIN_LAYER_SIZE } from './workflow.js';
@@ -55,6 +60,8 @@ export interface ExplainOptions {
   platform?: string;
   /** The daemon's min_layer_size: smaller layers are fetched and unpacked even with a zTOC (default 0). */
   minLayerSize?: number;
+  /** The daemon's pull modes (default: both enabled). */
+  pullModes?: PullModes;
 }
 
 const SOURCE_TEXT: Record<IndexSource, string> = {
@@ -79,11 +86,10 @@ export async function explainImage(repo: Repository, opts: ExplainOptions = {}):
   let index: DiscoveredIndex | undefined;
   let none: { reason: LayerModeReason; detail: string } | undefined;
   try {
-    index = await discoverIndex(repo, target, { store: opts.store, logger });
+    index = await discoverIndex(repo, target, { store: opts.store, logger, pullModes: opts.pullModes });
   } catch (err) {
     if (err instanceof DiscoverError) {
-      const why = err.message.startsWith(`${err.subject}: `) ? err.message.slice(err.subject.length + 2) : err.message;
-      none = { reason: err.kind === 'no-index' ? 'no-index' : 'bad-index', detail: why };
+      none = { reason: err.kind === 'no-index' || err.kind === 'mode-disabled' ? err.kind : 'bad-index', detail: err.reason };
     } else if (err instanceof AuthError) none = { reason: 'auth', detail: `authentication failed while looking for the index: ${message(err)}` };
     else if (err instanceof FetcherError) none = { reason: 'registry-error', detail: `the registry failed while looking for the index: ${message(err)}` };
     else throw err;
@@ -93,7 +99,14 @@ export async function explainImage(repo: Repository, opts: ExplainOptions = {}):
   for (const [n, desc] of image.manifest.layers.entries()) {
     const base = { n, digest: desc.digest, size: desc.size, mediaType: desc.mediaType };
     if (index === undefined) {
-      const why = none!.reason === 'no-index' ? 'the image has no SOCI index' : none!.reason === 'bad-index' ? 'its SOCI index is unusable' : 'no index could be looked up';
+      const why =
+        none!.reason === 'no-index'
+          ? 'the image has no SOCI index'
+          : none!.reason === 'mode-disabled'
+            ? 'its SOCI index is of a disabled pull mode'
+            : none!.reason === 'bad-index'
+              ? 'its SOCI index is unusable'
+              : 'no index could be looked up';
       layers.push({ ...base, mode: 'fallback', reason: none!.reason, detail: `${why} (see the index line): containerd fetches and applies it` });
       continue;
     }
@@ -174,7 +187,7 @@ export function explainCommand(): Command {
     .argument('<ref>', 'image reference')
     .option('--platform <os/arch[/variant]>', "which image of a multi-platform image (default: this host's)")
     .option('--json', 'print the explanation as JSON')
-    .option('--config <file>', `the daemon's config file, for min_layer_size (default ${DEFAULT_CONFIG_PATH}, when it exists)`)
+    .option('--config <file>', `the daemon's config file, for min_layer_size and [pull_modes] (default ${DEFAULT_CONFIG_PATH}, when it exists)`)
     .addOption(new Option('--min-layer-size <size>', "the daemon's min_layer_size, overriding the config (layers smaller are fetched and unpacked even with a zTOC)").argParser((v) => (v === '0' ? 0 : parseSize(v))));
   addRegistryOptions(cmd);
   return cmd.action(async (ref: string, flags: ExplainFlags) => {
@@ -182,7 +195,8 @@ export function explainCommand(): Command {
     const minLayerSize = flags.minLayerSize ?? fromConfig.minLayerSize ?? 0;
     const { client, store, logger } = setup(flags);
     try {
-      const e = await explainImage(client.repository(ref), { store, logger, platform: flags.platform, minLayerSize });
+      const pullModes = { v1: fromConfig.sociV1 ?? DEFAULT_CONFIG.sociV1, v2: fromConfig.sociV2 ?? DEFAULT_CONFIG.sociV2 };
+      const e = await explainImage(client.repository(ref), { store, logger, platform: flags.platform, minLayerSize, pullModes });
       process.stdout.write(flags.json ? JSON.stringify(e, null, 2) + '\n' : formatExplanation(e));
     } finally {
       await client.close().catch(() => undefined);

@@ -37,7 +37,7 @@
  *   soci_ts_span_cache_hits_total                 counter    kind (memory | disk)
  *   soci_ts_span_cache_misses_total               counter    kind
  *   soci_ts_fetch_errors_total                    counter    layer, kind
- *   soci_ts_fetch_retries_total                   counter
+ *   soci_ts_fetch_retries_total                   counter    operation, cause   one per retried registry request
  *
  * plus prom-client's Node process metrics (`process_*`, `nodejs_*`: CPU, RSS, heap, fds,
  * event-loop lag, GC). A layer has exactly one soci_ts_layer_mode series (a new mode replaces
@@ -113,8 +113,12 @@ export interface MetricsSink {
   cache(kind: 'memory' | 'disk', hit: boolean): void;
   /** A failed fetch; `kind` is a short class (`timeout`, `network`, `integrity`, `auth`, `http`, …). */
   fetchError(layer: string, kind: string): void;
-  /** One retry of a registry request. */
-  retry(): void;
+  /**
+   * One retry of a registry request: `operation` and `cause` are the fetcher's RetryOperation
+   * (`manifest`, `blob`, `blob_stream`, `range`, `referrers`, `push`) and RetryCause
+   * (`http_5xx`, `http_429`, `http_408`, `connect`, `reset`, `timeout_*`, `integrity`, `protocol`, `other`).
+   */
+  retry(operation: string, cause: string): void;
   /** The layer now has `local` of its `total` spans in the span cache. */
   backgroundProgress(layer: string, local: number, total: number): void;
   /** Every span of the layer is local. */
@@ -209,7 +213,7 @@ class PromMetrics implements MetricsSink {
   private readonly cacheHits: Counter<'kind'>;
   private readonly cacheMisses: Counter<'kind'>;
   private readonly fetchErrors: Counter<'layer' | 'kind'>;
-  private readonly retries: Counter;
+  private readonly retries: Counter<'operation' | 'cause'>;
   /** Label children of the FUSE-op histogram by op (the hot path allocates nothing once warm). */
   private readonly fuseChildren = new Map<string, Observer>();
   /**
@@ -280,7 +284,12 @@ class PromMetrics implements MetricsSink {
     this.cacheHits = new Counter({ name: 'soci_ts_span_cache_hits_total', help: 'Span cache lookups that found the span, by cache (memory or disk).', labelNames: ['kind'], registers });
     this.cacheMisses = new Counter({ name: 'soci_ts_span_cache_misses_total', help: 'Span cache lookups that did not find the span, by cache (memory or disk).', labelNames: ['kind'], registers });
     this.fetchErrors = new Counter({ name: 'soci_ts_fetch_errors_total', help: 'Failed fetches from the registry, by layer and kind of failure.', labelNames: ['layer', 'kind'], registers });
-    this.retries = new Counter({ name: 'soci_ts_fetch_retries_total', help: 'Retried registry requests.', registers });
+    this.retries = new Counter({
+      name: 'soci_ts_fetch_retries_total',
+      help: 'Retried registry requests, by operation (manifest, blob, blob_stream, range, referrers, push) and cause of the failed attempt.',
+      labelNames: ['operation', 'cause'],
+      registers,
+    });
     if (opts.processMetrics !== false) collectDefaultMetrics({ register: r });
   }
 
@@ -355,8 +364,8 @@ class PromMetrics implements MetricsSink {
     this.series<Adder>(layer, `fetch_errors\0${kind}`, this.fetchErrors, { layer: label(layer), kind: label(kind) }).inc();
   }
 
-  retry(): void {
-    this.retries.inc();
+  retry(operation: string, cause: string): void {
+    this.retries.labels({ operation: label(operation), cause: label(cause) }).inc();
   }
 
   backgroundProgress(layer: string, local: number, total: number): void {

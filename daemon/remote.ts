@@ -6,8 +6,9 @@
  * layer (`containerd.io/snapshot/cri.*`) is handled here, once the active snapshot exists:
  *
  * 1. The image's SOCI index is found (discoverIndex: the local store, the image's v2 annotation,
- *    v1 referrers; an explicit `containerd.io/snapshot/remote/soci.index.digest` label wins),
- *    once per manifest digest (cached; "no index" is cached for a minute).
+ *    v1 referrers, as far as the pull modes allow; an explicit
+ *    `containerd.io/snapshot/remote/soci.index.digest` label wins), once per manifest digest
+ *    (cached; "no index", or one only in a disabled pull mode, is cached for a minute).
  * 2. `lazy`: the layer has a zTOC (and is at least `min_layer_size`): the FUSE manager mounts it
  *    at the snapshot's fs dir; the snapshot is committed under the target with upstream's remote
  *    labels and what a remount needs (one transaction), and containerd is told ALREADY_EXISTS.
@@ -15,10 +16,11 @@
  *    unpacks it itself (parents = the parent chain's fs dirs, topmost first), commits it, and
  *    answers ALREADY_EXISTS too. Downloads of the image's other zTOC-less layers (from
  *    `cri.image-layers`) start at once, a few at a time, so they overlap.
- * 4. `fallback`: no index, or anything failed (registry, zTOC, FUSE manager): the active snapshot
- *    is answered with its normal overlay mounts and containerd applies the layer. The reason is
- *    logged (info for "no index", warn for failures) with the layer digest and snapshot key, kept
- *    in the metadata (layer modes) and given to the metrics sink.
+ * 4. `fallback`: no index (or one only in a disabled pull mode), or anything failed (registry,
+ *    zTOC, FUSE manager): the active snapshot is answered with its normal overlay mounts and
+ *    containerd applies the layer. The reason is logged (info for "no index" and a disabled mode,
+ *    warn for failures) with the layer digest and snapshot key, kept in the metadata (layer
+ *    modes) and given to the metrics sink.
  *
  * Restart safety: the FUSE manager outlives the snapshotter. At start (when there are lazy
  * snapshots or a manager answers) and whenever the connection is lost, the snapshotter
@@ -40,7 +42,7 @@ import {
   type RegistryClient,
   type Repository,
 } from '../fetcher/index.js';
-import { DiscoverError, discoverIndex, prefetchZtoc, type DiscoveredIndex } from './discover.js';
+import { DiscoverError, discoverIndex, prefetchZtoc, type DiscoveredIndex, type PullModes } from './discover.js';
 import { diskUsage } from './diskusage.js';
 import { connectOrStartFuseManager, FuseManagerClient, type ManagerLaunch } from './fuse-manager-client.js';
 import { FuseManagerError, type ManagedMount, type WireDescriptor } from './fuse-protocol.js';
@@ -137,6 +139,8 @@ export interface RemoteSettings {
   manager: ManagerLaunch;
   /** How often to reconcile the manager's mounts with the metadata (default 5 min; 0 = never). */
   sweepIntervalMs?: number;
+  /** Which SOCI index versions discovery may use (`[pull_modes.*] enable`; default both). */
+  pullModes?: PullModes;
 }
 
 export interface RemoteDeps {
@@ -167,8 +171,8 @@ interface ImageInfo {
   manifest: ImageManifest;
   descriptor: Descriptor;
   index: DiscoveredIndex | undefined;
-  /** Why there is no index (where discovery looked). */
-  noIndex: string | undefined;
+  /** Why there is no index (where discovery looked, or the disabled pull mode that has one). */
+  noIndex: { reason: string; code: 'no-index' | 'mode-disabled' } | undefined;
   diffIds: Promise<Array<string | undefined>>;
   at: number;
 }
@@ -472,7 +476,10 @@ export class RemoteSnapshots {
       const found = info.manifest.layers.find((l) => l.digest === req.layerDigest);
       if (found === undefined) throw new Fallback(`image manifest ${req.manifestDigest} has no layer ${req.layerDigest}`, 'warn', 'registry-error');
       layer = found;
-      if (info.index === undefined) throw new Fallback(`no SOCI index for the image (${info.noIndex ?? 'not found'})`, 'info', 'no-index');
+      if (info.index === undefined) {
+        const why = info.noIndex ?? { reason: 'not found', code: 'no-index' };
+        throw new Fallback(why.code === 'mode-disabled' ? why.reason : `no SOCI index for the image (${why.reason})`, 'info', why.code);
+      }
     } catch (err) {
       return this.fallback(s, req, undefined, err, log);
     }
@@ -561,11 +568,16 @@ export class RemoteSnapshots {
       }
     }
     let index: DiscoveredIndex | undefined;
-    let noIndex: string | undefined;
+    let noIndex: ImageInfo['noIndex'];
     try {
-      index = await discoverIndex(repo, { descriptor: fetched.descriptor, manifest, index: imageIndex }, { store: this.deps.store, logger: this.log, indexDigest: req.indexDigest });
+      index = await discoverIndex(
+        repo,
+        { descriptor: fetched.descriptor, manifest, index: imageIndex },
+        { store: this.deps.store, logger: this.log, indexDigest: req.indexDigest, pullModes: this.deps.settings.pullModes },
+      );
     } catch (err) {
-      if (err instanceof DiscoverError && err.kind === 'no-index') noIndex = err.message.slice(err.subject.length + 2).replace(/^no SOCI index: /, '');
+      if (err instanceof DiscoverError && err.kind === 'no-index') noIndex = { reason: err.reason.replace(/^no SOCI index: /, ''), code: 'no-index' };
+      else if (err instanceof DiscoverError && err.kind === 'mode-disabled') noIndex = { reason: err.reason, code: 'mode-disabled' };
       else if (err instanceof DiscoverError || err instanceof FetcherError) throw new Fallback(`SOCI index discovery failed: ${message(err)}`, 'warn', err instanceof AuthError ? 'auth' : 'bad-index', { cause: err });
       else throw err;
     }

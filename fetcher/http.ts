@@ -10,7 +10,7 @@ import { Duplex } from 'node:stream';
 import { connect as tlsConnect, rootCertificates } from 'node:tls';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Agent, request, type Dispatcher } from 'undici';
-import { FetcherError, NetworkError, ProtocolError, RegistryError, TimeoutError, TooLargeError, ConfigError } from './errors.js';
+import { FetcherError, IntegrityError, NetworkError, ProtocolError, RegistryError, TimeoutError, TooLargeError, ConfigError } from './errors.js';
 import type { ClientCertPair } from './hosts.js';
 import type { Logger } from './log.js';
 
@@ -459,10 +459,114 @@ export async function statusError(res: HttpResponse, subject: string, what: stri
 
 // ------------------------------------------------------------------- retries
 
+/** What a retried request was doing: the registry operation whose attempt failed. */
+export type RetryOperation =
+  /** GET or HEAD of a manifest or image index (tags and digests, the referrers fallback tag included). */
+  | 'manifest'
+  /** GET or HEAD of a whole small blob (a config, a zTOC, an index). */
+  | 'blob'
+  /** The streamed download of a whole layer, resumed with a Range request. */
+  | 'blob_stream'
+  /** A range read of a blob (the spans of a lazily served layer). */
+  | 'range'
+  /** A page of the referrers API. */
+  | 'referrers'
+  /** Pushing a blob or a manifest. */
+  | 'push';
+
+/** Why an attempt was retried: a short, stable class of its error (see {@link retryCause}). */
+export type RetryCause =
+  /** The server answered 5xx. */
+  | 'http_5xx'
+  /** 429 Too Many Requests (throttled). */
+  | 'http_429'
+  /** 408 Request Timeout. */
+  | 'http_408'
+  /** No TCP connection (refused, unreachable, DNS not answering). */
+  | 'connect'
+  /** The connection broke: reset, closed early, a body shorter than announced. */
+  | 'reset'
+  /** No connection within the connect timeout. */
+  | 'timeout_connect'
+  /** No response headers within the first-byte timeout. */
+  | 'timeout_first_byte'
+  /** The body stalled longer than the idle timeout. */
+  | 'timeout_idle'
+  /** The bytes did not match their digest (or expected size). */
+  | 'integrity'
+  /** A malformed answer worth asking again (a wrong Content-Range). */
+  | 'protocol'
+  | 'other';
+
+/** One retry: the attempt that failed, what it was doing and why, and the wait before the next. */
+export interface RetryEvent {
+  operation: RetryOperation;
+  cause: RetryCause;
+  /** The thing fetched (reference, blob), as in errors. */
+  subject: string;
+  /** 1 for the first retry (the second attempt), and so on. */
+  retry: number;
+  delayMs: number;
+  /** The HTTP status of the failed attempt, for the `http_*` causes. */
+  status?: number;
+  error: unknown;
+}
+
+/** Called once per retry, before the wait. Must not throw (a throw is logged and ignored). */
+export type RetryObserver = (event: RetryEvent) => void;
+
+const CONNECT_CODES = new Set(['ECONNREFUSED', 'EHOSTUNREACH', 'ENETUNREACH', 'ENETDOWN', 'EAI_AGAIN', 'ETIMEDOUT']);
+
+/** The first string `code` along an error's cause chain. */
+function codeInChain(err: unknown): string | undefined {
+  for (let e: unknown = err, depth = 0; e !== undefined && e !== null && depth < 8; e = (e as { cause?: unknown }).cause, depth++) {
+    const code = errCode(e);
+    if (code !== undefined) return code;
+  }
+  return undefined;
+}
+
+/** The {@link RetryCause} of a (transient) error of this module. */
+export function retryCause(err: unknown): RetryCause {
+  if (err instanceof RegistryError && err.status !== undefined) {
+    if (err.status >= 500) return 'http_5xx';
+    if (err.status === 429) return 'http_429';
+    if (err.status === 408) return 'http_408';
+  }
+  if (err instanceof TimeoutError) return err.phase === 'connect' ? 'timeout_connect' : err.phase === 'first-byte' ? 'timeout_first_byte' : 'timeout_idle';
+  if (err instanceof NetworkError) {
+    const code = codeInChain(err.cause);
+    return code !== undefined && CONNECT_CODES.has(code) ? 'connect' : 'reset';
+  }
+  if (err instanceof IntegrityError) return 'integrity';
+  if (err instanceof ProtocolError) return 'protocol';
+  return 'other';
+}
+
+/** The delay before retry n+1 after `err` (see {@link withRetries}). */
+export function retryDelay(err: unknown, n: number, retry: RetryOptions): number {
+  const hint = err instanceof Error ? transient.get(err)?.retryAfterMs : undefined;
+  const exp = Math.min(retry.maxDelayMs, retry.baseDelayMs * 2 ** n);
+  return hint !== undefined ? Math.min(hint, retry.maxRetryAfterMs) : exp / 2 + Math.random() * (exp / 2);
+}
+
+/** Tells `observer` about a retry (logging it at debug level), never throwing. */
+export function noteRetry(logger: Logger, observer: RetryObserver | undefined, operation: RetryOperation | undefined, subject: string, err: unknown, retry: number, delayMs: number): void {
+  const cause = retryCause(err);
+  logger.debug('retrying', { subject, operation, cause, attempt: retry, delayMs: Math.round(delayMs), error: err });
+  if (observer === undefined || operation === undefined) return;
+  try {
+    observer({ operation, cause, subject, retry, delayMs, ...(err instanceof RegistryError && err.status !== undefined ? { status: err.status } : {}), error: err });
+  } catch (e) {
+    logger.warn('retry observer failed', { error: e });
+  }
+}
+
 /**
  * Runs `attempt` until it succeeds, a non-transient error comes, or attempts run out. The delay
  * before retry n is a random value in [d/2, d] with d = base * 2^n capped at max, or the server's
- * `Retry-After` (capped) when it gave one.
+ * `Retry-After` (capped) when it gave one. Each retry is logged and, with `observe`, reported
+ * to its observer as `observe.operation`.
  */
 export async function withRetries<T>(
   subject: string,
@@ -470,16 +574,15 @@ export async function withRetries<T>(
   logger: Logger,
   attempt: (n: number) => Promise<T>,
   signal?: AbortSignal,
+  observe?: { operation: RetryOperation; observer: RetryObserver | undefined },
 ): Promise<T> {
   for (let n = 0; ; n++) {
     try {
       return await attempt(n);
     } catch (err) {
       if (!isTransient(err) || n + 1 >= retry.attempts || signal?.aborted === true) throw err;
-      const hint = transient.get(err as Error)?.retryAfterMs;
-      const exp = Math.min(retry.maxDelayMs, retry.baseDelayMs * 2 ** n);
-      const delay = hint !== undefined ? Math.min(hint, retry.maxRetryAfterMs) : exp / 2 + Math.random() * (exp / 2);
-      logger.debug('retrying', { subject, attempt: n + 1, delayMs: Math.round(delay), error: err });
+      const delay = retryDelay(err, n, retry);
+      noteRetry(logger, observe?.observer, observe?.operation, subject, err, n + 1, delay);
       await sleep(delay, undefined, { signal }).catch(() => undefined);
     }
   }

@@ -9,5 +9,15 @@ export * from './credentials.js';
 export * from './manifest.js';
 export * from './log.js';
 export { parseWwwAuthenticate, type Challenge } from './auth.js';
-export { DEFAULT_TIMEOUTS, DEFAULT_RETRY, type Timeouts, type RetryOptions } from './http.js';
+export {
+  DEFAULT_TIMEOUTS,
+  DEFAULT_RETRY,
+  retryCause,
+  type Timeouts,
+  type RetryOptions,
+  type RetryCause,
+  type RetryEvent,
+  type RetryObserver,
+  type RetryOperation,
+} from './http.js';
 export * from './registry.js';

@@ -22,7 +22,11 @@ import {
   statusError,
   withRetries,
   isTransient,
+  noteRetry,
+  retryDelay,
   type HttpResponse,
+  type RetryObserver,
+  type RetryOperation,
   type RetryOptions,
   type Timeouts,
 } from './http.js';
@@ -46,6 +50,11 @@ export interface RegistryClientOptions {
   maxCoalescedBytes?: number;
   userAgent?: string;
   logger?: Logger;
+  /**
+   * Told about every retry of a registry request (the operation, the cause, the delay), e.g. to
+   * count them in metrics. Must not throw.
+   */
+  onRetry?: RetryObserver;
 }
 
 export const DEFAULT_HOSTS_DIR = '/etc/containerd/certs.d';
@@ -117,9 +126,11 @@ export class RegistryClient {
   private readonly credentialsByHost = new Map<string, Promise<Credentials | undefined>>();
   private readonly authorizers = new Map<string, Authorizer>();
   private readonly warnedNoRange = new Set<string>();
+  private readonly onRetry: RetryObserver | undefined;
 
   constructor(opts: RegistryClientOptions = {}) {
     this.logger = opts.logger ?? nullLogger;
+    this.onRetry = opts.onRetry;
     this.transport = new Transport({ timeouts: opts.timeouts, connectionsPerHost: opts.connectionsPerHost, userAgent: opts.userAgent, logger: this.logger });
     this.retry = { ...DEFAULT_RETRY, ...opts.retry };
     this.maxManifestBytes = opts.maxManifestBytes ?? DEFAULT_MAX_MANIFEST_BYTES;
@@ -205,6 +216,17 @@ export class RegistryClient {
       this.authorizers.set(endpoint.url, a);
     }
     return a;
+  }
+
+  /** @internal Runs `attempt` in the retry loop (see withRetries), each retry reported as `operation`. */
+  retrying<T>(operation: RetryOperation, subject: string, attempts: number | undefined, attempt: (n: number) => Promise<T>, signal?: AbortSignal): Promise<T> {
+    const retry = attempts === undefined ? this.retry : { ...this.retry, attempts: Math.max(1, attempts) };
+    return withRetries(subject, retry, this.logger, attempt, signal, { operation, observer: this.onRetry });
+  }
+
+  /** @internal Reports a retry made by a loop of its own (a resumed download). */
+  noteRetry(operation: RetryOperation, subject: string, err: unknown, retry: number, delayMs: number): void {
+    noteRetry(this.logger, this.onRetry, operation, subject, err, retry, delayMs);
   }
 
   /** @internal Warns once per endpoint that it ignores Range. */
@@ -435,14 +457,14 @@ export class Repository {
    * reference's digest, else its tag), checked against its digest (the one asked for, or the
    * `Docker-Content-Digest` the registry states for a tag) and the size limit.
    */
-  async fetchManifest(reference?: string | Descriptor): Promise<FetchedManifest> {
+  async fetchManifest(reference?: string | Descriptor, opts: { attempts?: number } = {}): Promise<FetchedManifest> {
     const target = typeof reference === 'object' ? reference.digest : (reference ?? this.ref.digest ?? this.ref.tag ?? 'latest');
     const byDigest = target.includes(':');
     const subject = `${this.ref.name}${byDigest ? '@' : ':'}${target}`;
     const expectedSize = typeof reference === 'object' ? reference.size : undefined;
     const limit = this.client.maxManifestBytes;
     if (expectedSize !== undefined && expectedSize > limit) throw new ProtocolError(subject, `manifest of ${expectedSize} bytes is over the ${limit}-byte limit`);
-    return withRetries(subject, this.client.retry, this.logger, async () => {
+    return this.client.retrying('manifest', subject, opts.attempts, async () => {
       const { res } = await this.send({
         method: 'GET',
         path: `manifests/${encodeURIComponent(target).replace(/%3A/g, ':')}`,
@@ -477,7 +499,7 @@ export class Repository {
   /** The descriptor of a manifest by tag or digest, or undefined when it does not exist (HEAD). */
   async statManifest(reference: string): Promise<Descriptor | undefined> {
     const subject = `${this.ref.name}:${reference}`;
-    return withRetries(subject, this.client.retry, this.logger, async () => {
+    return this.client.retrying('manifest', subject, undefined, async () => {
       const { res } = await this.send({ method: 'HEAD', path: `manifests/${reference}`, headers: { accept: MANIFEST_ACCEPT }, capability: 'resolve', actions: ['pull'], follow: true, subject });
       discardBody(res);
       if (res.status === 404) return undefined;
@@ -502,7 +524,7 @@ export class Repository {
   /** Size of a blob if the registry has it (HEAD), else undefined. */
   async statBlob(digest: string): Promise<number | undefined> {
     const subject = this.blobSubject(digest);
-    return withRetries(subject, this.client.retry, this.logger, async () => {
+    return this.client.retrying('blob', subject, undefined, async () => {
       const { res } = await this.send({ method: 'HEAD', path: `blobs/${digest}`, capability: 'pull', actions: ['pull'], follow: true, subject });
       discardBody(res);
       if (res.status === 404) return undefined;
@@ -516,7 +538,7 @@ export class Repository {
   async fetchBlob(desc: Descriptor, maxBytes = 64 << 20): Promise<Buffer> {
     const subject = this.blobSubject(desc.digest);
     if (desc.size > maxBytes) throw new ProtocolError(subject, `blob of ${desc.size} bytes is over the ${maxBytes}-byte limit for a whole-blob read`);
-    return withRetries(subject, this.client.retry, this.logger, async () => {
+    return this.client.retrying('blob', subject, undefined, async () => {
       const res = await this.getBlob(desc, subject, undefined);
       if (res.status !== 200 && res.status !== 206) throw await statusError(res, subject, 'fetching the blob failed', this.client.transport.timeouts);
       const bytes = await readBody(res, subject, this.client.transport.timeouts, { expected: desc.size, max: maxBytes, what: 'blob' });
@@ -608,9 +630,10 @@ export class Repository {
       } catch (err) {
         res?.body.destroy();
         if (!isTransient(err) || attempt + 1 >= this.client.retry.attempts || opts.signal?.aborted === true) throw err;
-        const exp = Math.min(this.client.retry.maxDelayMs, this.client.retry.baseDelayMs * 2 ** attempt);
+        const delay = retryDelay(err, attempt, this.client.retry);
         this.logger.debug('resuming blob download', { blob: desc.digest, received, attempt: attempt + 1, error: err });
-        await new Promise((r) => setTimeout(r, exp / 2 + Math.random() * (exp / 2)));
+        this.client.noteRetry('blob_stream', subject, err, attempt + 1, delay);
+        await new Promise((r) => setTimeout(r, delay));
       }
     }
     const digest = `sha256:${hash.digest('hex')}`;
@@ -674,7 +697,7 @@ export class Repository {
     const subject = this.blobSubject(desc.digest);
     let remaining = parts;
     try {
-      await withRetries(subject, this.client.retry, this.logger, async () => {
+      await this.client.retrying('range', subject, undefined, async () => {
         let start = Number.POSITIVE_INFINITY;
         let end = 0;
         for (const p of remaining) {
@@ -765,7 +788,7 @@ export class Repository {
     const subject = this.blobSubject(desc.digest);
     const timeouts = this.client.transport.timeouts;
     const push = ['pull', 'push'];
-    return withRetries(subject, this.client.retry, this.logger, async () => {
+    return this.client.retrying('push', subject, undefined, async () => {
       const head = await this.send({ method: 'HEAD', path: `blobs/${desc.digest}`, capability: 'push', actions: push, follow: true, subject });
       discardBody(head.res);
       if (head.res.status === 200) return 'exists';
@@ -881,7 +904,7 @@ export class Repository {
     const target = reference ?? digest;
     const subject = `${this.ref.name}${target.includes(':') ? '@' : ':'}${target}`;
     const parsed = parseManifest(bytes, mediaType, subject);
-    const res = await withRetries(subject, this.client.retry, this.logger, async () => {
+    const res = await this.client.retrying('push', subject, undefined, async () => {
       const { res } = await this.send({
         method: 'PUT',
         path: `manifests/${target}`,
@@ -934,21 +957,22 @@ export class Repository {
   /**
    * Manifests that name `subjectDigest` as their subject, optionally only of `artifactType`:
    * from the referrers API, or, where the registry answers 404 there, from the fallback tag.
+   * `attempts` bounds the attempts of each request (default: the client's retry policy).
    */
-  async referrers(subjectDigest: string, artifactType?: string): Promise<ReferrersResult> {
+  async referrers(subjectDigest: string, artifactType?: string, opts: { attempts?: number } = {}): Promise<ReferrersResult> {
     const subject = `${this.ref.name}@${subjectDigest} referrers`;
     const timeouts = this.client.transport.timeouts;
     const descriptors: Descriptor[] = [];
     let path = `referrers/${subjectDigest}`;
     let query: Record<string, string> | undefined = artifactType === undefined ? undefined : { artifactType };
     for (let page = 0; page < 100; page++) {
-      const { res, url } = await withRetries(subject, this.client.retry, this.logger, () =>
+      const { res, url } = await this.client.retrying('referrers', subject, opts.attempts, () =>
         this.send({ method: 'GET', path, query, headers: { accept: MEDIA_TYPE_OCI_INDEX }, capability: 'referrers', actions: ['pull'], follow: true, subject }),
       );
       if (res.status === 404 || res.status === 400 || res.status === 405) {
         discardBody(res);
         if (page > 0) throw new RegistryError(subject, `referrers page ${page + 1} answered HTTP ${res.status}`, { status: res.status });
-        return { descriptors: await this.referrersFromTag(subjectDigest, artifactType), source: 'tag' };
+        return { descriptors: await this.referrersFromTag(subjectDigest, artifactType, opts.attempts), source: 'tag' };
       }
       if (res.status !== 200) throw await statusError(res, subject, 'listing referrers failed', timeouts);
       const bytes = await readBody(res, subject, timeouts, { max: this.client.maxManifestBytes, what: 'referrers index' });
@@ -964,9 +988,9 @@ export class Repository {
     return { descriptors: artifactType === undefined ? descriptors : descriptors.filter((d) => d.artifactType === artifactType), source: 'api' };
   }
 
-  private async referrersFromTag(subjectDigest: string, artifactType: string | undefined): Promise<Descriptor[]> {
+  private async referrersFromTag(subjectDigest: string, artifactType: string | undefined, attempts?: number): Promise<Descriptor[]> {
     try {
-      const { parsed } = await this.fetchManifest(referrersTag(subjectDigest));
+      const { parsed } = await this.fetchManifest(referrersTag(subjectDigest), { attempts });
       if (parsed.kind !== 'index') throw new ProtocolError(`${this.ref.name}:${referrersTag(subjectDigest)}`, 'the referrers tag does not hold an image index');
       return parsed.index.manifests.filter((d) => artifactType === undefined || d.artifactType === artifactType);
     } catch (err) {

@@ -18,6 +18,9 @@ import { ANNOTATION_INDEX_DIGEST, EMPTY_CONFIG_DIGEST, MEDIA_TYPE_OCI_MANIFEST, 
 import { ArtifactStore } from '../daemon/store.js';
 import { resolveImages } from '../daemon/workflow.js';
 import { DiscoverError, discoverIndex, pickNewest, type DiscoverTarget } from '../daemon/discover.js';
+
+/** Index digests the subtests below create (the pull-mode subtest uses them). */
+const made = { v1: '', local: '', v2: '', v2Ref: '' };
 import { runCli, type CliResult } from './helpers/cli.js';
 
 const cli = (args: string[]): Promise<CliResult> => runCli(args);
@@ -72,6 +75,7 @@ t.test('v1: pushed by create --push, found through the fallback tag', async (t) 
   const r = await cli(['create', v1.ref, '--push', '--json', ...common('root-v1')]);
   t.equal(r.code, 0, r.stderr);
   const created = (JSON.parse(r.stdout) as { indexes: Array<{ index: string }> }).indexes[0]!.index;
+  made.v1 = created;
   // Oracle: what the registry holds under the fallback tag.
   const raw = await registryRequest(reg, `/v2/discover/v1/manifests/${v1.manifestDigest.replace(':', '-')}`, { headers: { accept: MEDIA_TYPE_OCI_INDEX } });
   t.equal(raw.status, 200, 'the fallback tag exists');
@@ -109,6 +113,7 @@ t.test('store only: create without --push', async (t) => {
   const r = await cli(['create', plain.ref, '--json', ...common('root-local')]);
   t.equal(r.code, 0, r.stderr);
   const created = (JSON.parse(r.stdout) as { indexes: Array<{ index: string }> }).indexes[0]!.index;
+  made.local = created;
   const { repo, target: tg } = await target(plain.ref);
   const store = new ArtifactStore({ root: join(work, 'root-local') });
   const found = await discoverIndex(repo, tg, { store });
@@ -143,6 +148,45 @@ t.test('v2: a SOCI-enabled image made by convert', async (t) => {
   // The annotation alone is enough (no image index to look in).
   const bare = await discoverIndex(repo, { descriptor: tg.descriptor, manifest: tg.manifest });
   t.equal(bare.digest, sociEntry.digest, 'found through the manifest body annotation alone');
+  made.v2 = sociEntry.digest;
+  made.v2Ref = dst;
+});
+
+t.test('pull modes: an index of a disabled version is never used, and the error says which and how to enable it', async (t) => {
+  t.ok(made.v1 !== '' && made.v2 !== '' && made.local !== '', 'the v1, v2 and store-only indexes of the subtests above');
+  const v1Only = await target(v1.ref);
+  const v2Only = await target(made.v2Ref);
+  const none = await target(plain.ref);
+  const noV1 = { v1: false, v2: true };
+  const noV2 = { v1: true, v2: false };
+
+  const e1 = await discoverIndex(v1Only.repo, v1Only.target, { pullModes: noV1 }).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  t.ok(e1 instanceof DiscoverError && e1.kind === 'mode-disabled', `v1 only, v1 disabled: mode-disabled (${(e1 as Error).message})`);
+  t.same((e1 as DiscoverError).disabled.map((d) => [d.version, d.digest]), [['v1', made.v1]], 'it names the v1 index the registry lists (seen through the fallback tag)');
+  t.match((e1 as Error).message, /SOCI index only in a disabled pull mode: the image has a v1 index .*fallback tag sha256-.*v1 discovery is disabled; to use it, set enable = true under \[pull_modes\.soci_v1\] in the daemon config/);
+  t.equal((await discoverIndex(v1Only.repo, v1Only.target, { pullModes: noV2 })).digest, made.v1, 'v1 only, v2 disabled: the v1 index');
+
+  await rejectsWith(t, discoverIndex(v2Only.repo, v2Only.target, { pullModes: noV2 }), 'mode-disabled', /the image has a v2 index .*com\.amazon\.soci\.index-digest annotation.*set enable = true under \[pull_modes\.soci_v2\]/, 'v2 only, v2 disabled');
+  const e2 = await discoverIndex(v2Only.repo, v2Only.target, { pullModes: noV2 }).catch((e: unknown) => e as DiscoverError);
+  t.same((e2 as DiscoverError).disabled.map((d) => [d.version, d.digest]), [['v2', made.v2]], 'it names the v2 index of the SOCI-enabled image');
+  t.equal((await discoverIndex(v2Only.repo, v2Only.target, { pullModes: noV1 })).digest, made.v2, 'v2 only, v1 disabled: the v2 index');
+
+  // The local store: its v1 record (create without --push) is passed over when v1 is disabled.
+  const localStore = new ArtifactStore({ root: join(work, 'root-local') });
+  t.equal((await discoverIndex(none.repo, none.target, { store: localStore, pullModes: noV2 })).source, 'store', 'v1 enabled: the store record');
+  const e3 = await discoverIndex(none.repo, none.target, { store: localStore, pullModes: noV1 }).catch((e: unknown) => e as DiscoverError);
+  t.equal((e3 as DiscoverError).kind, 'mode-disabled', 'v1 disabled: mode-disabled');
+  t.same((e3 as DiscoverError).disabled.map((d) => [d.version, d.digest, d.where]), [['v1', made.local, `the local store ${localStore.root}`]], 'naming the record in the store');
+
+  // Nothing anywhere: no-index, saying what was not looked at.
+  await rejectsWith(t, discoverIndex(none.repo, none.target, { pullModes: { v1: false, v2: false } }), 'no-index', /no SOCI index: no com\.amazon\.soci\.index-digest annotation \(not a SOCI-enabled image; v2 discovery is disabled anyway\); v1 discovery is disabled \(\[pull_modes\.soci_v1\] enable = false\)$/, 'no index, both disabled');
+
+  // An explicit index digest is used whatever the modes say (as upstream).
+  const explicit = await discoverIndex(v1Only.repo, v1Only.target, { pullModes: { v1: false, v2: false }, indexDigest: made.v1 });
+  t.same([explicit.source, explicit.digest, explicit.version], ['explicit', made.v1, 'v1'], 'an explicit v1 index with both modes disabled: used');
 });
 
 t.test('several v1 indexes, corrupt zTOCs and corrupt index manifests', async (t) => {

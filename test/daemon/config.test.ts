@@ -30,6 +30,12 @@ start_delay = "500ms"
 [cache]
 memory_size = "64MiB"
 disk_size = "2GiB"
+
+[pull_modes.soci_v1]
+enable = false
+
+[pull_modes.soci_v2]
+enable = false
 `,
     'c.toml',
   );
@@ -48,6 +54,8 @@ disk_size = "2GiB"
     backgroundStartDelayMs: 500,
     memoryCacheBytes: 64 << 20,
     diskCacheBytes: 2 * 1024 * 1024 * 1024,
+    sociV1: false,
+    sociV2: false,
   });
   t.same(parseConfig('', 'empty.toml'), {}, 'an empty file sets nothing');
   t.same(parseConfig('[blob]\nfetch_timeout = 5\n', 'x'), { fetchTimeoutMs: 5000 }, 'a bare number of seconds');
@@ -55,6 +63,10 @@ disk_size = "2GiB"
   t.equal(DEFAULT_CONFIG.minLayerSize, 0, "default min_layer_size is upstream's daemon's: 0");
   t.equal(DEFAULT_CONFIG.remote, true);
   t.equal(DEFAULT_CONFIG.backgroundFetch, true);
+  t.same([DEFAULT_CONFIG.sociV1, DEFAULT_CONFIG.sociV2], [true, true], 'both pull modes on by default (upstream: v1 off; see the README)');
+  t.same(parseConfig('[pull_modes]\n[pull_modes.soci_v1]\nenable = true\n', 'x'), { sociV1: true }, 'nested sections, with the outer one written too');
+  t.same(parseConfig('pull_modes = { soci_v2 = { enable = false } }\n', 'x'), { sociV2: false }, 'the same as inline tables');
+  t.same(parseConfig('[pull_modes]\nsoci_v1.enable = false\n', 'x'), { sociV1: false }, 'a dotted key in the outer section');
 });
 
 t.test('errors name the key and the file', async (t) => {
@@ -71,6 +83,12 @@ t.test('errors name the key and the file', async (t) => {
     ['docker_config = "relative.json"\n', /key "docker_config" must be an absolute path or ""/],
     ['root = 5\n', /key "root" must be a string \(got 5\)/],
     ['[background_fetch\n', /^f\.toml: not valid TOML \(line 1/],
+    ['[pull_modes.soci_v1]\nenable = "yes"\n', /^f\.toml: key "pull_modes\.soci_v1\.enable" must be true or false \(got "yes"\)/],
+    ['[pull_modes.soci_v2]\nenable = 1\n', /key "pull_modes\.soci_v2\.enable" must be true or false \(got 1\)/],
+    ['[pull_modes]\nsoci_v1 = true\n', /^f\.toml: key "pull_modes\.soci_v1" must be a table \(\[pull_modes\.soci_v1\]\) \(got true\)/],
+    ['pull_modes = "v2"\n', /^f\.toml: key "pull_modes" must be a table \(\[pull_modes\]\)/],
+    ['[pull_modes.soci_v2]\nenabled = false\n', /^f\.toml: unknown key "pull_modes\.soci_v2\.enabled"/],
+    ['[pull_modes.parallel_pull_unpack]\nenable = true\n', /^f\.toml: unknown key "pull_modes\.parallel_pull_unpack" /],
   ];
   for (const [text, re] of bad) {
     t.throws(() => parseConfig(text, 'f.toml'), ConfigError, JSON.stringify(text));

@@ -147,9 +147,10 @@ t.test('one sink over HTTP: names, types, labels, buckets and values', async (t)
   m.fetchError(L1, 'timeout');
   m.fetchError(L1, 'timeout');
   m.fetchError(L2, 'integrity');
-  m.retry();
-  m.retry();
-  m.retry();
+  m.retry('range', 'http_5xx');
+  m.retry('range', 'http_5xx');
+  m.retry('range', 'reset');
+  m.retry('manifest', 'timeout_first_byte');
   m.layerMode(L1, 'lazy', 'ztoc');
   m.layerMode(L2, 'local', 'no-ztoc');
   m.backgroundProgress(L1, 2, 10);
@@ -198,7 +199,10 @@ t.test('one sink over HTTP: names, types, labels, buckets and values', async (t)
   t.equal(value(fams, 'soci_ts_span_cache_hits_total', { kind: 'disk' }), undefined, 'no disk hit recorded: no series');
   t.equal(value(fams, 'soci_ts_fetch_errors_total', { layer: L1, kind: 'timeout' }), 2);
   t.equal(value(fams, 'soci_ts_fetch_errors_total', { layer: L2, kind: 'integrity' }), 1);
-  t.equal(value(fams, 'soci_ts_fetch_retries_total', P), 3);
+  t.equal(value(fams, 'soci_ts_fetch_retries_total', { operation: 'range', cause: 'http_5xx', ...P }), 2, 'retries by operation and cause');
+  t.equal(value(fams, 'soci_ts_fetch_retries_total', { operation: 'range', cause: 'reset', ...P }), 1);
+  t.equal(value(fams, 'soci_ts_fetch_retries_total', { operation: 'manifest', cause: 'timeout_first_byte', ...P }), 1);
+  t.same([...new Set(samples(fams, 'soci_ts_fetch_retries_total').flatMap((s) => Object.keys(s.labels)))].sort(), ['cause', 'operation', 'process'], 'retry labels: operation, cause (plus process)');
   t.equal(value(fams, 'soci_ts_layer_spans_local', { layer: L1 }), 7);
   t.equal(value(fams, 'soci_ts_layer_spans', { layer: L1 }), 10);
   t.equal(value(fams, 'soci_ts_layer_complete', { layer: L1 }), 0, 'not complete at 7 of 10');
