@@ -3,12 +3,15 @@
  * protocol (daemon/fuse-protocol.ts), and starting the manager when none answers.
  *
  * The manager is started as `node <this CLI> fuse-manager ...` detached from the snapshotter: its
- * own session and process group (setsid), stdin closed, stdout and stderr appended to a log file,
- * so that neither a signal to the snapshotter's process group, nor systemd's `KillMode=process`
- * stop, nor the snapshotter's death reaches it.
+ * own session and process group (setsid), stdin closed, so that neither a signal to the
+ * snapshotter's process group, nor systemd's `KillMode=process` stop, nor the snapshotter's death
+ * reaches it. It writes its JSON log lines itself (`--log-file`, rotated by size: see
+ * daemon/log-file.ts); its stdout and stderr (what is not a log line: a crash's stack trace, Node's
+ * warnings) go to a separate file, started afresh at each start with the previous one kept as
+ * `<file>.1`.
  */
 import { spawn } from 'node:child_process';
-import { mkdir, open, readFile } from 'node:fs/promises';
+import { mkdir, open, readFile, rename, stat } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { dirname } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -142,12 +145,19 @@ export class FuseManagerClient {
 
 export interface ManagerLaunch {
   socket: string;
-  /** Arguments after `fuse-manager` (root, socket, settings). */
+  /** Arguments after `fuse-manager` (root, socket, settings, its log file). */
   args: readonly string[];
-  /** stdout and stderr of the manager are appended here. */
+  /** The manager's log (named in errors; its last lines are quoted when it does not start). */
   logFile: string;
+  /** stdout and stderr of the manager go here (default: `logFile` with `.out` for `.log`). */
+  outFile?: string;
   /** How long to wait for a started manager to answer (default 30 s). */
   startTimeoutMs?: number;
+}
+
+/** Where the manager's stdout and stderr go. */
+export function managerOutFile(launch: ManagerLaunch): string {
+  return launch.outFile ?? launch.logFile.replace(/(\.log)?$/, '.out');
 }
 
 /** The command line that runs this CLI again (the node binary, its flags, the script). */
@@ -163,13 +173,17 @@ function selfCommand(): { cmd: string; args: string[] } {
  */
 export async function startFuseManager(launch: ManagerLaunch, logger: Logger): Promise<{ client: FuseManagerClient; hello: HelloResult }> {
   await mkdir(dirname(launch.logFile), { recursive: true, mode: 0o700 });
-  const log = await open(launch.logFile, 'a', 0o600);
+  const outFile = managerOutFile(launch);
+  // The previous manager's output (why it died, maybe) is kept once.
+  const prev = await stat(outFile).catch(() => undefined);
+  if (prev !== undefined && prev.size > 0) await rename(outFile, `${outFile}.1`).catch(() => undefined);
+  const out = await open(outFile, 'w', 0o600);
   const self = selfCommand();
   let child;
   try {
-    child = spawn(self.cmd, [...self.args, 'fuse-manager', ...launch.args], { detached: true, stdio: ['ignore', log.fd, log.fd] });
+    child = spawn(self.cmd, [...self.args, 'fuse-manager', ...launch.args], { detached: true, stdio: ['ignore', out.fd, out.fd] });
   } finally {
-    await log.close();
+    await out.close();
   }
   let exited: string | undefined;
   child.on('exit', (code, signal) => (exited = `exited with code ${String(code)}, signal ${String(signal)}`));
@@ -183,8 +197,12 @@ export async function startFuseManager(launch: ManagerLaunch, logger: Logger): P
       // Another manager may have won the race for the socket: use it.
       const c = await tryHello(launch.socket);
       if (c !== undefined) return c;
-      const tail = (await readFile(launch.logFile, 'utf8').catch(() => '')).trim().split('\n').slice(-5).join('\n');
-      throw new FuseManagerError('unavailable', launch.socket, `the FUSE manager ${exited}; last lines of ${launch.logFile}:\n${tail}`);
+      const tails: string[] = [];
+      for (const f of [outFile, launch.logFile]) {
+        const tail = (await readFile(f, 'utf8').catch(() => '')).trim().split('\n').slice(-5).join('\n');
+        if (tail !== '') tails.push(`last lines of ${f}:\n${tail}`);
+      }
+      throw new FuseManagerError('unavailable', launch.socket, `the FUSE manager ${exited}; ${tails.length > 0 ? tails.join('\n') : `${outFile} and ${launch.logFile} say nothing`}`);
     }
     const c = await tryHello(launch.socket).catch((err: unknown) => {
       last = err;

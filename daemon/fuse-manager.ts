@@ -204,11 +204,16 @@ export class FuseManager {
           return;
         }
         const id = req.id;
+        const t0 = performance.now();
         this.dispatch(req.method, req.params).then(
-          (result) => send({ id, result }),
+          (result) => {
+            this.opts.logger.debug('request answered', { method: req.method, id, ms: Math.round((performance.now() - t0) * 1000) / 1000 });
+            send({ id, result });
+          },
           (err: unknown) => {
             const e = toManagerError(err, String(req.method));
             if (e.kind === 'internal') this.opts.logger.error('FUSE manager request failed', { method: req.method, error: err });
+            else this.opts.logger.debug('request refused', { method: req.method, id, kind: e.kind, error: e.message });
             send({ id, error: e.toWire() });
           },
         );
