@@ -4,6 +4,7 @@ import { Command, Option } from 'commander';
 import { jsonLogger, RegistryClient, type LogLevel } from '../fetcher/index.js';
 import { ConfigError, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH, readConfig, type SnapshotterConfig } from './config.js';
 import { ArtifactStore } from './store.js';
+import { FuseManagerIncompatibleError } from './fuse-manager-client.js';
 import type { SnapshotterOptions } from './snapshotter.js';
 import { ServerStartError, SnapshotterServer } from './server.js';
 import { SnapshotterError } from './errdefs.js';
@@ -141,6 +142,7 @@ export function isSnapshotterUserError(err: unknown): boolean {
     err instanceof ProtoLoadError ||
     err instanceof MetricsServerError ||
     err instanceof SocketActivationError ||
+    err instanceof FuseManagerIncompatibleError ||
     (err instanceof SnapshotterError && err.kind !== 'Internal')
   );
 }

@@ -33,7 +33,6 @@ import { readZtoc } from '../ztoc/index.js';
 import { DiscoverError, loadZtoc } from './discover.js';
 import {
   descriptorProblem,
-  FUSE_MANAGER_PROTOCOL,
   FuseManagerError,
   LineSplitter,
   METHOD_NAMES,
@@ -50,8 +49,7 @@ import { safeSink, type MetricsSink } from './metrics-sink.js';
 import type { ArtifactStore } from './store.js';
 import { detach, mountsUnder, runCommand } from './sysmount.js';
 import { prepareSocketPath } from './server.js';
-
-export const MANAGER_VERSION = '0.1.0';
+import { buildIdentity, type BuildIdentity } from './version.js';
 
 export interface BackgroundSettings {
   /** Default true. */
@@ -124,6 +122,7 @@ export class FuseManager {
     memory: InflatedSpanCache,
     private readonly background: BackgroundFetcher,
     sink: MetricsSink | undefined,
+    private readonly identity: BuildIdentity,
   ) {
     this.sink = sink;
     // Cache hits and misses reach the sink through thin wrappers (only with a sink).
@@ -162,7 +161,8 @@ export class FuseManager {
       onLayerComplete: (st) => sink?.layerComplete(st.layerDigest),
     });
     const server = createServer();
-    const self = new FuseManager(opts, server, disk, memory, background, sink);
+    const identity = await buildIdentity();
+    const self = new FuseManager(opts, server, disk, memory, background, sink, identity);
     server.on('connection', (s) => self.serve(s));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -173,7 +173,7 @@ export class FuseManager {
     });
     await chmod(opts.socket, 0o600);
     server.on('error', (err) => logger.error('FUSE manager socket error', { error: err }));
-    logger.info('FUSE manager serving', { socket: opts.socket, root: opts.root, pid: process.pid, instance: self.instance });
+    logger.info('FUSE manager serving', { socket: opts.socket, root: opts.root, pid: process.pid, instance: self.instance, version: identity.version, build: identity.build, protocol: identity.protocol });
     return self;
   }
 
@@ -265,9 +265,12 @@ export class FuseManager {
   // ---------------------------------------------------------------- operations
 
   hello(): HelloResult {
+    const b = this.identity;
     return {
-      protocol: FUSE_MANAGER_PROTOCOL,
-      version: MANAGER_VERSION,
+      protocol: b.protocol,
+      oldestProtocol: b.oldestProtocol,
+      version: b.version,
+      build: b.build,
       pid: process.pid,
       instance: this.instance,
       startedAt: this.startedAt,

@@ -38,6 +38,7 @@
  *   soci_ts_span_cache_misses_total               counter    kind
  *   soci_ts_fetch_errors_total                    counter    layer, kind
  *   soci_ts_fetch_retries_total                   counter
+ *   soci_ts_fuse_manager_info                     gauge      version, build, protocol, current   1 (snapshotter only)
  *
  * plus prom-client's Node process metrics (`process_*`, `nodejs_*`: CPU, RSS, heap, fds,
  * event-loop lag, GC). A layer has exactly one soci_ts_layer_mode series (a new mode replaces
@@ -131,6 +132,8 @@ export interface MetricsSink {
   imageOperation?(operationType: string, image: string): void;
   /** Drops every per-layer series of the layer. */
   forgetLayer?(layer: string): void;
+  /** The FUSE manager the snapshotter drives: its build, and whether it is the snapshotter's own (`current`). */
+  fuseManagerInfo?(info: { version: string; build: string; protocol: number; current: boolean }): void;
 }
 
 /** Records nothing; `text()` is empty. */
@@ -149,6 +152,7 @@ export const nullMetrics: MetricsSink = Object.freeze({
   served: () => undefined,
   imageOperation: () => undefined,
   forgetLayer: () => undefined,
+  fuseManagerInfo: () => undefined,
 });
 
 export interface CreateMetricsOptions {
@@ -210,6 +214,7 @@ class PromMetrics implements MetricsSink {
   private readonly cacheMisses: Counter<'kind'>;
   private readonly fetchErrors: Counter<'layer' | 'kind'>;
   private readonly retries: Counter;
+  private readonly managerInfo: Gauge<'version' | 'build' | 'protocol' | 'current'>;
   /** Label children of the FUSE-op histogram by op (the hot path allocates nothing once warm). */
   private readonly fuseChildren = new Map<string, Observer>();
   /**
@@ -281,6 +286,12 @@ class PromMetrics implements MetricsSink {
     this.cacheMisses = new Counter({ name: 'soci_ts_span_cache_misses_total', help: 'Span cache lookups that did not find the span, by cache (memory or disk).', labelNames: ['kind'], registers });
     this.fetchErrors = new Counter({ name: 'soci_ts_fetch_errors_total', help: 'Failed fetches from the registry, by layer and kind of failure.', labelNames: ['layer', 'kind'], registers });
     this.retries = new Counter({ name: 'soci_ts_fetch_retries_total', help: 'Retried registry requests.', registers });
+    this.managerInfo = new Gauge({
+      name: 'soci_ts_fuse_manager_info',
+      help: 'The FUSE manager the snapshotter drives: 1 for its soci-ts version, build and protocol; current="false" when it is not the snapshotter\'s own build (it predates an upgrade).',
+      labelNames: ['version', 'build', 'protocol', 'current'],
+      registers,
+    });
     if (opts.processMetrics !== false) collectDefaultMetrics({ register: r });
   }
 
@@ -384,6 +395,11 @@ class PromMetrics implements MetricsSink {
     this.modes.set(layer, { mode, reason: r });
     this.series<Setter>(layer, `mode\0${mode}\0${r}`, this.mode, { layer: label(layer), mode, reason: r }).set(1);
     if (mode === 'lazy' && !this.perLayer.get(layer)?.has('complete')) this.byLayer<Setter>(this.complete, 'complete', layer).set(0);
+  }
+
+  fuseManagerInfo(info: { version: string; build: string; protocol: number; current: boolean }): void {
+    this.managerInfo.reset();
+    this.managerInfo.labels({ version: label(info.version), build: label(info.build), protocol: String(info.protocol), current: String(info.current) }).set(1);
   }
 
   forgetLayer(layer: string): void {

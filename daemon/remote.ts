@@ -42,8 +42,17 @@ import {
 } from '../fetcher/index.js';
 import { DiscoverError, discoverIndex, type DiscoveredIndex } from './discover.js';
 import { diskUsage } from './diskusage.js';
-import { connectOrStartFuseManager, FuseManagerClient, type ManagerLaunch } from './fuse-manager-client.js';
-import { FuseManagerError, type ManagedMount, type WireDescriptor } from './fuse-protocol.js';
+import {
+  connectOrStartFuseManager,
+  describeBuild,
+  FuseManagerClient,
+  FuseManagerIncompatibleError,
+  upgradeAdvice,
+  type ManagerBuildMatch,
+  type ManagerLaunch,
+} from './fuse-manager-client.js';
+import { FuseManagerError, type HelloResult, type ManagedMount, type WireDescriptor } from './fuse-protocol.js';
+import { buildIdentity } from './version.js';
 import { configDiffIds, downloadLayerBlob, LayerSetupError, Semaphore, unpackLayerFile } from './layers.js';
 import type { LayerModeRecord, MetadataStore, RemoteDetails, SnapshotRecord, Usage } from './metadata.js';
 import { safeSink, type LayerModeName, type MetricsSink } from './metrics-sink.js';
@@ -263,6 +272,7 @@ export class RemoteSnapshots {
   private client: FuseManagerClient | undefined;
   private instance: string | undefined;
   private managerPid: number | undefined;
+  private managerBuild: { hello: HelloResult; match: ManagerBuildMatch } | undefined;
   private connecting: Promise<FuseManagerClient> | undefined;
   private reconnectDelay = RECONNECT_MIN_MS;
   private reconnectTimer: NodeJS.Timeout | undefined;
@@ -294,6 +304,8 @@ export class RemoteSnapshots {
       try {
         await this.manager();
       } catch (err) {
+        // A manager this build cannot drive serves running containers: refuse to start rather than misdrive it.
+        if (err instanceof FuseManagerIncompatibleError) throw err;
         this.log.error('FUSE manager unavailable at start: lazy snapshots are not served until it can be started', { lazySnapshots: lazy, error: err });
         this.scheduleReconnect();
       }
@@ -320,6 +332,11 @@ export class RemoteSnapshots {
     return this.managerPid;
   }
 
+  /** The build of the FUSE manager in use and how it relates to this one (undefined before the first connection). */
+  get fuseManagerBuild(): { hello: HelloResult; match: ManagerBuildMatch } | undefined {
+    return this.managerBuild;
+  }
+
   // ---------------------------------------------------------------- the FUSE manager
 
   /** A connected client, connecting (and starting a manager, and reconciling) when needed. */
@@ -334,7 +351,30 @@ export class RemoteSnapshots {
       this.managerPid = r.hello.pid;
       r.client.onClose(() => this.onManagerLost(r.client));
       const how = r.started ? 'started' : before === undefined ? 'attached to the running one' : before === r.hello.instance ? 'reconnected' : 'attached to another one';
-      this.log.info(`FUSE manager: ${how}`, { pid: r.hello.pid, instance: r.hello.instance, startedAt: r.hello.startedAt, mounts: r.hello.mounts });
+      this.log.info(`FUSE manager: ${how}`, {
+        pid: r.hello.pid,
+        instance: r.hello.instance,
+        startedAt: r.hello.startedAt,
+        mounts: r.hello.mounts,
+        version: r.hello.version,
+        build: r.hello.build,
+        protocol: r.hello.protocol,
+        ...(r.replaced !== undefined ? { replacedPid: r.replaced.pid, replacedVersion: r.replaced.version, replacedBuild: r.replaced.build } : {}),
+      });
+      const ours = await buildIdentity();
+      this.managerBuild = { hello: r.hello, match: r.match };
+      if (r.match === 'compatible') {
+        this.log.warn(`the FUSE manager runs another build of soci-ts (${describeBuild(r.hello)}; this snapshotter: ${describeBuild(ours)}): reattached, it keeps serving its ${r.hello.mounts} mount(s); ${upgradeAdvice(r.hello.pid)}`, {
+          pid: r.hello.pid,
+          managerVersion: r.hello.version,
+          managerBuild: r.hello.build ?? null,
+          managerProtocol: r.hello.protocol,
+          version: ours.version,
+          build: ours.build,
+          protocol: ours.protocol,
+        });
+      }
+      this.sink?.fuseManagerInfo?.({ version: r.hello.version, build: r.hello.build ?? 'unknown', protocol: r.hello.protocol, current: r.match === 'same' });
       await this.reconcile(r.client);
       this.reconnectDelay = RECONNECT_MIN_MS;
       return r.client;

@@ -108,7 +108,12 @@ export class Snapshotter {
         metrics: opts.remote.metrics,
       });
       // Before the sweep: mounts no snapshot owns are unmounted first, lost ones mounted again.
-      await s.remote.open();
+      try {
+        await s.remote.open();
+      } catch (e) {
+        await s.close();
+        throw e;
+      }
     }
     if (opts.sweepOnOpen ?? true) {
       try {
