@@ -98,7 +98,9 @@ export type LayerModeReason =
   /** fallback: FUSE cannot be used on this host. */
   | 'fuse-unavailable'
   /** fallback: the index's pull mode (v1 or v2) is disabled by config. */
-  | 'mode-disabled';
+  | 'mode-disabled'
+  /** fallback: the snapshotter's root has no space left (zTOC, download or metadata could not be written). */
+  | 'no-space';
 
 export type LayerMode = 'lazy' | 'local' | 'fallback';
 

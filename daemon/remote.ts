@@ -42,6 +42,7 @@ import {
 } from '../fetcher/index.js';
 import { DiscoverError, discoverIndex, type DiscoveredIndex } from './discover.js';
 import { diskUsage } from './diskusage.js';
+import { isNoSpace } from './errdefs.js';
 import {
   connectOrStartFuseManager,
   describeBuild,
@@ -529,7 +530,9 @@ export class RemoteSnapshots {
     const reason = err instanceof Fallback ? err.reason : message(err);
     const level = err instanceof Fallback ? err.level : 'warn';
     log[level]('layer not served remotely: containerd applies it (fallback to the overlay path)', { image: req.imageRef, target: req.target, reason, ...(err instanceof Fallback ? {} : { error: err }) });
-    this.recordMode(s, req, 'fallback', reason, err instanceof Fallback ? err.code : 'registry-error', indexDigest);
+    // A root without space shows as ENOSPC here, or in the text of an error from the FUSE manager.
+    const noSpace = isNoSpace(err) || /\bENOSPC\b|\bSQLITE_FULL\b|no space left/i.test(reason);
+    this.recordMode(s, req, 'fallback', reason, noSpace ? 'no-space' : err instanceof Fallback ? err.code : 'registry-error', indexDigest);
     return { committed: false, reason };
   }
 

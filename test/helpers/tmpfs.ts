@@ -12,8 +12,8 @@ export interface Tmpfs {
   readonly dir: string;
   /** Bytes available to an unprivileged writer right now (statfs). */
   available(): Promise<number>;
-  /** Takes every free block (and every free inode with `inodes`); resolves the bytes taken. */
-  fill(opts?: { inodes?: boolean }): Promise<number>;
+  /** Takes every free block (unless `blocks: false`) and, with `inodes`, every free inode; resolves the bytes taken. */
+  fill(opts?: { blocks?: boolean; inodes?: boolean }): Promise<number>;
   /** Removes what fill() made. */
   free(): Promise<void>;
   /** Lazily unmounts it and removes its mountpoint. */
@@ -36,24 +36,26 @@ export async function mountTmpfs(dir: string, opts: { sizeBytes: number; inodes?
     fill: async (f = {}) => {
       await fsp.mkdir(fillerDir, { recursive: true });
       let taken = 0;
-      const fh = await fsp.open(path.join(fillerDir, 'blocks'), 'a');
-      try {
-        // Big chunks first, then small ones, down to one byte: nothing is left.
-        for (const chunk of [1 << 20, 64 << 10, 4096, 512, 1]) {
-          const buf = Buffer.alloc(chunk);
-          for (;;) {
-            try {
-              const { bytesWritten } = await fh.write(buf);
-              taken += bytesWritten;
-              if (bytesWritten < chunk) break;
-            } catch (e) {
-              if ((e as NodeJS.ErrnoException).code === 'ENOSPC') break;
-              throw e;
+      if (f.blocks !== false) {
+        const fh = await fsp.open(path.join(fillerDir, 'blocks'), 'a');
+        try {
+          // Big chunks first, then small ones, down to one byte: nothing is left.
+          for (const chunk of [1 << 20, 64 << 10, 4096, 512, 1]) {
+            const buf = Buffer.alloc(chunk);
+            for (;;) {
+              try {
+                const { bytesWritten } = await fh.write(buf);
+                taken += bytesWritten;
+                if (bytesWritten < chunk) break;
+              } catch (e) {
+                if ((e as NodeJS.ErrnoException).code === 'ENOSPC') break;
+                throw e;
+              }
             }
           }
+        } finally {
+          await fh.close();
         }
-      } finally {
-        await fh.close();
       }
       if (f.inodes === true) {
         for (let i = 0; ; i++) {
