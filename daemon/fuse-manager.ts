@@ -44,6 +44,7 @@ import {
   type UnmountParams,
   type UnmountResult,
 } from './fuse-protocol.js';
+import { isNoSpace } from './errdefs.js';
 import { mountLazyLayer } from './layers.js';
 import { safeSink, type MetricsSink } from './metrics-sink.js';
 import type { ArtifactStore } from './store.js';
@@ -92,6 +93,7 @@ function message(err: unknown): string {
 /** Classifies what went wrong while mounting into a wire error. */
 function toManagerError(err: unknown, subject: string): FuseManagerError {
   if (err instanceof FuseManagerError) return err;
+  if (isNoSpace(err)) return new FuseManagerError('no-space', subject, `no space left for it under the root: ${message(err)}`, { cause: err });
   if (err instanceof DiscoverError) return new FuseManagerError('bad-ztoc', '', err.message, { cause: err });
   if (err instanceof FetcherError) return new FuseManagerError('registry', '', err.message, { cause: err });
   if (err instanceof FuseError) return new FuseManagerError('fuse', '', err.message, { cause: err });

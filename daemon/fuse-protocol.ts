@@ -57,6 +57,8 @@ export type FuseManagerErrorKind =
   | 'registry'
   /** FUSE is unavailable, or a FUSE mount or unmount failed. */
   | 'fuse'
+  /** The snapshotter root's file system has no space left (the zTOC or a span could not be stored). */
+  | 'no-space'
   /** The manager has no such feature (e.g. no metrics sink). */
   | 'unsupported'
   /** The manager is not running or not reachable, or it is shutting down. */
@@ -64,7 +66,7 @@ export type FuseManagerErrorKind =
   /** Anything else (a bug). */
   | 'internal';
 
-const KINDS: ReadonlySet<string> = new Set<FuseManagerErrorKind>(['invalid', 'not-found', 'busy', 'bad-ztoc', 'registry', 'fuse', 'unsupported', 'unavailable', 'internal']);
+const KINDS: ReadonlySet<string> = new Set<FuseManagerErrorKind>(['invalid', 'not-found', 'busy', 'bad-ztoc', 'registry', 'fuse', 'no-space', 'unsupported', 'unavailable', 'internal']);
 
 /** An error of the FUSE manager, as it crosses the wire: kind, subject (a path, digest), message. */
 export class FuseManagerError extends Error {

@@ -530,9 +530,8 @@ export class RemoteSnapshots {
     const reason = err instanceof Fallback ? err.reason : message(err);
     const level = err instanceof Fallback ? err.level : 'warn';
     log[level]('layer not served remotely: containerd applies it (fallback to the overlay path)', { image: req.imageRef, target: req.target, reason, ...(err instanceof Fallback ? {} : { error: err }) });
-    // A root without space shows as ENOSPC here, or in the text of an error from the FUSE manager.
-    const noSpace = isNoSpace(err) || /\bENOSPC\b|\bSQLITE_FULL\b|no space left/i.test(reason);
-    this.recordMode(s, req, 'fallback', reason, noSpace ? 'no-space' : err instanceof Fallback ? err.code : 'registry-error', indexDigest);
+    // A root without space anywhere in the cause chain (a download, the metadata) says so.
+    this.recordMode(s, req, 'fallback', reason, isNoSpace(err) ? 'no-space' : err instanceof Fallback ? err.code : 'registry-error', indexDigest);
     return { committed: false, reason };
   }
 
@@ -633,9 +632,9 @@ export class RemoteSnapshots {
       try {
         mounted = await c.call('mount', { mountpoint, imageRef: req.imageRef, layer: wire(layer), ztoc: wire(ztoc), tag: s.key });
       } catch (err) {
-        const badZtoc = err instanceof FuseManagerError && err.kind === 'bad-ztoc';
-        const why = badZtoc ? 'the zTOC is unusable' : 'the FUSE manager cannot mount the layer';
-        throw new Fallback(`${why}: ${message(err)}`, 'warn', badZtoc ? 'bad-ztoc' : 'fuse-unavailable', { cause: err });
+        const kind = err instanceof FuseManagerError ? err.kind : undefined;
+        const why = kind === 'bad-ztoc' ? 'the zTOC is unusable' : kind === 'no-space' ? 'the root has no space for the layer' : 'the FUSE manager cannot mount the layer';
+        throw new Fallback(`${why}: ${message(err)}`, 'warn', kind === 'bad-ztoc' ? 'bad-ztoc' : kind === 'no-space' ? 'no-space' : 'fuse-unavailable', { cause: err });
       }
       const details: RemoteDetails = {
         imageRef: req.imageRef,
