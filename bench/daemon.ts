@@ -12,16 +12,18 @@
  *      of our daemon through the proxy plugin), so (c)/(b) compares like with like.
  *   Snapshots made through containerd are held by a lease (and carry `containerd.io/gc.root`)
  *   so containerd's GC leaves them alone; all are removed afterwards (not timed).
- * - The RSS (VmRSS of /proc/PID/status) of the snapshotter and of its FUSE manager before and
- *   after 20 lazily mounted layers: Prepare with containerd's remote-snapshot labels, as
- *   containerd's unpacker sends them, of the zTOC-indexed layer of `multi` (`soci-ts create
- *   --push`) under 20 targets, each a FUSE mount of its own (counted in /proc/self/mountinfo);
- *   background fetch off, one small file read from each mount. The FUSE manager's RSS with the
- *   first layer mounted is printed too (it starts with the first lazy layer).
+ * - The RSS (VmRSS of /proc/PID/status) of the snapshotter and of its FUSE manager, each on its
+ *   own, before and after 20 lazily mounted layers: an image of 20 distinct gzip layers of real
+ *   files from /usr (about 48 MiB of tar each, all above the 10 MiB minimum layer size; built
+ *   once with umoci and cached like the test images), pushed and indexed with `soci-ts create
+ *   --push`, each layer Prepared with containerd's remote-snapshot labels as containerd's
+ *   unpacker sends them (parent = the chain below it), so 20 FUSE mounts of 20 zTOCs (counted in
+ *   /proc/self/mountinfo and in the manager's list); background fetch off; then one small file
+ *   read from each mount. The FUSE manager's RSS with the first layer mounted is printed too (it
+ *   starts with the first lazy layer).
  *
  * Environment: SOCI_TS_BENCH_SNAPSHOTS (default 1000).
  */
-import { createHash, randomBytes } from 'node:crypto';
 import { mkdtemp, readFile, writeFile } from 'node:fs/promises';
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -30,14 +32,25 @@ import { status, type ServiceError } from '@grpc/grpc-js';
 import { SnapshotsClient } from '../daemon/grpc-api.js';
 import { readZtoc } from '../ztoc/index.js';
 import { startContainerd } from '../test/helpers/containerd.js';
-import { defaultImages, pushImage } from '../test/helpers/images.js';
-import { run } from '../test/helpers/layers.js';
+import { buildImage, chainIdsOf, pushImage, type ImageSpec } from '../test/helpers/images.js';
+import { run, testCacheDir } from '../test/helpers/layers.js';
+import { FuseManagerClient } from '../daemon/fuse-manager-client.js';
 import { registryRequest, startRegistry } from '../test/helpers/registry.js';
 import { fuseManagerPid, sociTs, startSnapshotter, stopFuseManager, unmountUnder } from '../test/helpers/snapshotter.js';
 
 const N = Number(process.env.SOCI_TS_BENCH_SNAPSHOTS ?? 1000);
 const CHAIN = 10;
 const LAZY = 20;
+
+/**
+ * 20 distinct layers of real files (each takes files no layer below took), each about 48 MiB
+ * of tar, so that every one is above soci-ts create's 10 MiB minimum layer size once gzipped.
+ * /usr/lib comes last: what the smaller roots run out of is taken from it.
+ */
+const LAZY_IMAGE_SPEC = {
+  name: 'bench-lazy20',
+  layers: Array.from({ length: LAZY }, () => ({ kind: 'files' as const, from: ['/usr/bin', '/usr/include', '/usr/share', '/usr/lib'], maxBytes: 48 << 20 })),
+} satisfies ImageSpec;
 const OPS = ['prepare', 'mounts', 'commit', 'stat'] as const;
 type Op = (typeof OPS)[number];
 
@@ -86,13 +99,16 @@ async function vmRssKiB(pid: number): Promise<number> {
   return Number(m[1]);
 }
 
-async function fuseMountsUnder(dir: string): Promise<number> {
+async function fuseMountpointsUnder(dir: string): Promise<string[]> {
   const info = await readFile('/proc/self/mountinfo', 'utf8');
-  return info.split('\n').filter((l) => {
-    const f = l.split(' ');
-    const sep = f.indexOf('-');
-    return (f[4] ?? '').startsWith(dir + '/') && sep !== -1 && (f[sep + 1] ?? '').startsWith('fuse');
-  }).length;
+  return info
+    .split('\n')
+    .map((l) => l.split(' '))
+    .filter((f) => {
+      const sep = f.indexOf('-');
+      return (f[4] ?? '').startsWith(dir + '/') && sep !== -1 && (f[sep + 1] ?? '').startsWith('fuse');
+    })
+    .map((f) => f[4]!);
 }
 
 const mib = (kib: number): string => `${(kib / 1024).toFixed(1)} MiB`;
@@ -142,64 +158,89 @@ async function main(): Promise<void> {
       console.log([op, ...cells, `${r1.toFixed(2)}×`, `${r2.toFixed(2)}×`].join(' | '));
     }
 
-    // ---- RSS with 20 lazily mounted layers
+    // ---- RSS with 20 distinct lazily mounted layers
     const snapPid = daemon.pid;
     const rss0 = await vmRssKiB(snapPid);
-    const { multi } = await defaultImages();
-    const pushed = await pushImage(multi.layoutDir, multi.tag, registry, 'bench/multi');
-    const created = await sociTs(['create', '--push', '--root', join(dir, 'create-store'), '--json', pushed.ref]);
+    const t0 = performance.now();
+    const img = await buildImage(testCacheDir(), LAZY_IMAGE_SPEC);
+    const pushed = await pushImage(img.layoutDir, img.tag, registry, 'bench/lazy20');
+    const created = await sociTs(['create', '--push', '--root', join(dir, 'create-store'), '--hosts-dir', '', '--json', pushed.ref]);
     if (created.code !== 0) throw new Error(`soci-ts create --push: ${created.stderr}`);
-    const made = JSON.parse(created.stdout) as { indexes: { layers: { digest: string; ztoc?: string }[] }[] };
-    const indexed = made.indexes[0]!.layers.find((l) => l.ztoc !== undefined);
-    if (indexed === undefined) throw new Error('no layer of multi has a zTOC');
-    const ztoc = readZtoc((await registryRequest(registry, `/v2/bench/multi/blobs/${indexed.ztoc!}`)).body);
-    const small = ztoc.ztoc.files.find((f) => f.type === 'reg' && f.uncompressedSize > 0 && f.uncompressedSize < 4096);
-    const n = multi.layers.findIndex((l) => l.digest === indexed.digest);
-    const targets: string[] = [];
+    const made = JSON.parse(created.stdout) as { indexes: { layers: { digest: string; ztoc?: string; skipped?: string }[] }[] };
+    const ztocOf = new Map(made.indexes[0]!.layers.flatMap((l) => (l.ztoc !== undefined ? [[l.digest, l.ztoc] as [string, string]] : [])));
+    const unindexed = img.layers.filter((l) => !ztocOf.has(l.digest));
+    if (unindexed.length > 0) throw new Error(`${unindexed.length} layers of ${LAZY_IMAGE_SPEC.name} have no zTOC (sizes ${unindexed.map((l) => l.size).join(', ')}; the minimum layer size is 10 MiB)`);
+    console.log(`\nimage of ${img.layers.length} distinct layers from real files (${mib(img.layers.reduce((n, l) => n + l.size, 0) / 1024)} gzipped, ${img.layers.map((l) => (l.size / 1048576).toFixed(1)).join(' / ')} MiB), built, pushed and indexed in ${((performance.now() - t0) / 1000).toFixed(0)} s`);
+    const chain = chainIdsOf(img);
+    const perLayer: { spans: number; entries: number; small?: string }[] = [];
     let rssMgr1 = NaN;
-    for (let i = 0; i < LAZY; i++) {
-      const target = `sha256:${createHash('sha256').update(`bench-lazy-${i}-${randomBytes(8).toString('hex')}`).digest('hex')}`;
+    for (const [i, l] of img.layers.entries()) {
+      const z = readZtoc((await registryRequest(registry, `/v2/bench/lazy20/blobs/${ztocOf.get(l.digest)!}`)).body);
+      const small = z.ztoc.files.find((f) => f.type === 'reg' && f.uncompressedSize > 0 && f.uncompressedSize < 4096);
+      perLayer.push({ spans: z.spans.length, entries: z.ztoc.files.length, ...(small !== undefined ? { small: small.name.replace(/^\.?\/+/, '') } : {}) });
       const labels = {
-        'containerd.io/snapshot.ref': target,
+        'containerd.io/snapshot.ref': chain[i]!,
         'containerd.io/snapshot/cri.image-ref': pushed.ref,
         'containerd.io/snapshot/cri.manifest-digest': pushed.manifestDigest,
-        'containerd.io/snapshot/cri.layer-digest': indexed.digest,
-        'containerd.io/snapshot/cri.image-layers': multi.layers.slice(n).map((l) => l.digest).join(','),
+        'containerd.io/snapshot/cri.layer-digest': l.digest,
+        'containerd.io/snapshot/cri.image-layers': img.layers.slice(i).map((x) => x.digest).join(','),
       };
       try {
-        await direct.prepare(`extract-${i} ${target}`, '', labels);
-        throw new Error(`Prepare of lazy layer ${i} returned mounts: not served lazily (see the daemon log)\n${daemon.logs().slice(-3000)}`);
+        // As containerd's unpacker: layer i on the chain of the ones below it.
+        await direct.prepare(`extract-${i} ${chain[i]!}`, i === 0 ? '' : chain[i - 1]!, labels);
+        throw new Error(`Prepare of layer ${i} returned mounts: not served lazily (see the daemon log)\n${daemon.logs().slice(-3000)}`);
       } catch (e) {
         if ((e as ServiceError).code !== status.ALREADY_EXISTS) throw e;
       }
-      targets.push(target);
       if (i === 0) {
         const pid = await fuseManagerPid(root);
         if (pid !== undefined) rssMgr1 = await vmRssKiB(pid);
       }
     }
-    const mounted = await fuseMountsUnder(root);
     const mgrPid = await fuseManagerPid(root);
     if (mgrPid === undefined) throw new Error('no FUSE manager');
-    let read = 0;
-    if (small !== undefined) {
-      const info = await readFile('/proc/self/mountinfo', 'utf8');
-      const mps = info
-        .split('\n')
-        .map((l) => l.split(' '))
-        .filter((f) => (f[4] ?? '').startsWith(root + '/') && (f[f.indexOf('-') + 1] ?? '').startsWith('fuse'))
-        .map((f) => f[4]!);
-      for (const mp of mps) {
-        await readFile(join(mp, small.name.replace(/^\.?\/+/, '')));
-        read++;
+    const mps = await fuseMountpointsUnder(root);
+    const layersMounted = new Set<string>();
+    const mountOf = new Map<number, string>();
+    {
+      const c = await FuseManagerClient.connect(join(root, 'fuse-manager.sock'));
+      try {
+        for (const m of (await c.call('list', {})).mounts) {
+          layersMounted.add(m.layerDigest);
+          const k = /^extract-(\d+) /.exec(m.tag);
+          if (k !== null) mountOf.set(Number(k[1]), m.mountpoint);
+        }
+      } finally {
+        c.close();
       }
+    }
+    await new Promise((r) => setTimeout(r, 2000));
+    const rssSnapMounted = await vmRssKiB(snapPid);
+    const rssMgrMounted = await vmRssKiB(mgrPid);
+    // One small file read from each mount (the snapshot's fs dir is the layer's FUSE mount).
+    let read = 0;
+    for (const [i] of img.layers.entries()) {
+      const small = perLayer[i]!.small;
+      const mp = mountOf.get(i);
+      if (small === undefined || mp === undefined) continue;
+      await readFile(join(mp, small)).then(
+        () => read++,
+        () => undefined,
+      );
     }
     await new Promise((r) => setTimeout(r, 2000));
     const rssSnap = await vmRssKiB(snapPid);
     const rssMgr = await vmRssKiB(mgrPid);
-    console.log(`\nRSS with ${mounted} lazily mounted layers (zTOC of ${ztoc.spans.length} spans, ${ztoc.ztoc.files.length} entries each; a small file read from ${read} of them):`);
-    console.log(`snapshotter ${mib(rssSnap)} (${mib(rss0)} after the latency runs, before any lazy layer), FUSE manager ${mib(rssMgr)} (${mib(rssMgr1)} with the first layer mounted), together ${mib(rssSnap + rssMgr)}`);
-    for (const target of targets.reverse()) await direct.remove(target);
+    const spans = perLayer.map((p) => p.spans);
+    const entries = perLayer.map((p) => p.entries);
+    console.log(
+      `\nRSS (VmRSS) with ${mps.length} lazily mounted layers (${layersMounted.size} distinct layer digests; zTOCs of ${Math.min(...spans)}–${Math.max(...spans)} spans, ${Math.min(...entries)}–${Math.max(...entries)} entries, ${entries.reduce((a, b) => a + b, 0)} entries in all; background fetch off):`,
+    );
+    console.log('process | before any lazy layer | 1 layer mounted | 20 layers mounted | and a small file read from each');
+    console.log(`snapshotter | ${mib(rss0)} | | ${mib(rssSnapMounted)} | ${mib(rssSnap)}`);
+    console.log(`FUSE manager | (not running) | ${mib(rssMgr1)} | ${mib(rssMgrMounted)} | ${mib(rssMgr)} (${read} files read)`);
+    console.log(`together | | | ${mib(rssSnapMounted + rssMgrMounted)} | ${mib(rssSnap + rssMgr)}`);
+    for (let i = chain.length - 1; i >= 0; i--) await direct.remove(chain[i]!);
     direct.close();
     viaOverlay.close();
     viaOurs.close();

@@ -6,6 +6,7 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { jsonLogger, RegistryClient, type LogLevel } from '../fetcher/index.js';
 import { parseSize } from './cli-util.js';
 import { FuseManager } from './fuse-manager.js';
+import { DEFAULT_LOG_FILES, DEFAULT_LOG_MAX_BYTES, RotatingLogFile } from './log-file.js';
 import { createMetrics } from './metrics.js';
 import { ArtifactStore } from './store.js';
 
@@ -21,7 +22,16 @@ interface Flags {
   backgroundRate?: number;
   backgroundDelay: number;
   logLevel: LogLevel;
+  logFile?: string;
+  logMaxSize: number;
+  logFiles: number;
 }
+
+const files = (v: string): number => {
+  const n = Number(v);
+  if (!/^\d+$/.test(v.trim()) || n > 100) throw new InvalidArgumentError(`"${v}" is not a number of files from 0 to 100`);
+  return n;
+};
 
 const ms = (v: string): number => {
   const n = Number(v);
@@ -42,9 +52,14 @@ export function fuseManagerCommand(): Command {
     .option('--no-background', 'do not fetch the rest of the layers in the background')
     .addOption(new Option('--background-rate <size>', 'background fetch: compressed bytes per second').argParser(parseSize))
     .addOption(new Option('--background-delay <ms>', 'background fetch: wait after a mount').argParser(ms).default(10_000))
-    .addOption(new Option('--log-level <level>', 'JSON log lines on stderr at this level and above').choices(['debug', 'info', 'warn', 'error']).default('info'))
+    .addOption(new Option('--log-level <level>', 'JSON log lines at this level and above').choices(['debug', 'info', 'warn', 'error']).default('info'))
+    .option('--log-file <path>', 'write the log lines to this file, rotated by size (default: stderr)')
+    .addOption(new Option('--log-max-size <size>', 'with --log-file: rotate before the file grows past this').argParser(parseSize).default(DEFAULT_LOG_MAX_BYTES, '10MiB'))
+    .addOption(new Option('--log-files <n>', 'with --log-file: rotated files kept (FILE.1 … FILE.N)').argParser(files).default(DEFAULT_LOG_FILES))
     .action(async (f: Flags) => {
-      const logger = jsonLogger(f.logLevel, process.stderr, { component: 'fuse-manager' });
+      // Written asynchronously (a synchronous write to a file on stderr would stall FUSE requests).
+      const logFile = f.logFile !== undefined ? await RotatingLogFile.open({ path: f.logFile, maxBytes: f.logMaxSize, keep: f.logFiles }) : undefined;
+      const logger = jsonLogger(f.logLevel, logFile ?? process.stderr, { component: 'fuse-manager' });
       // Credentials come from the docker config and its helpers, read by this process (each
       // time a registry asks), never handed over by the snapshotter.
       // Its own registry; the snapshotter's endpoint merges it in (process="fuse-manager").
@@ -75,6 +90,8 @@ export function fuseManagerCommand(): Command {
       } catch (err) {
         clearInterval(keepAlive);
         await client.close().catch(() => undefined);
+        logger.error('FUSE manager cannot start', { error: err });
+        await logFile?.close();
         throw err;
       }
       await new Promise<void>((resolve) => {
@@ -93,6 +110,7 @@ export function fuseManagerCommand(): Command {
         process.on('SIGHUP', () => logger.info('SIGHUP ignored'));
       });
       clearInterval(keepAlive);
+      await logFile?.close();
     });
   return cmd;
 }

@@ -4,6 +4,7 @@ import { Command, Option } from 'commander';
 import { jsonLogger, RegistryClient, type LogLevel } from '../fetcher/index.js';
 import { ConfigError, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH, readConfig, type SnapshotterConfig } from './config.js';
 import { ArtifactStore } from './store.js';
+import { FuseManagerIncompatibleError } from './fuse-manager-client.js';
 import type { SnapshotterOptions } from './snapshotter.js';
 import { ServerStartError, SnapshotterServer } from './server.js';
 import { SnapshotterError } from './errdefs.js';
@@ -40,8 +41,9 @@ then e.g. \`ctr images pull --snapshotter soci-ts REF\` and \`ctr run --snapshot
 Snapshots live under ROOT/snapshots/<id>/{fs,work}, their metadata in ROOT/metadata.db (SQLite).
 A Prepare with containerd's remote-snapshot labels (CRI, soci-ts rpull) of a SOCI-indexed image is
 served lazily: the layer is mounted over FUSE by the FUSE manager, a separate long-lived process
-the snapshotter starts (socket ROOT/fuse-manager.sock, log ROOT/fuse-manager.log) so that running
-containers keep reading their files when the snapshotter restarts.
+the snapshotter starts (socket ROOT/fuse-manager.sock, log ROOT/fuse-manager.log rotated by size,
+stdout/stderr ROOT/fuse-manager.out) so that running containers keep reading their files when the
+snapshotter restarts.
 Started by systemd with a socket (soci-ts install-systemd), it serves on the socket systemd passes.
 Metrics of both processes are served together at GET /metrics on the metrics address.`,
     )
@@ -122,6 +124,12 @@ export function remoteOptions(config: SnapshotterConfig, client: RegistryClient,
     String(config.backgroundStartDelayMs),
     '--log-level',
     config.logLevel,
+    '--log-file',
+    join(config.root, 'fuse-manager.log'),
+    '--log-max-size',
+    String(config.fuseManagerLogMaxBytes),
+    '--log-files',
+    String(config.fuseManagerLogFiles),
   ];
   return {
     client,
@@ -143,6 +151,7 @@ export function isSnapshotterUserError(err: unknown): boolean {
     err instanceof ProtoLoadError ||
     err instanceof MetricsServerError ||
     err instanceof SocketActivationError ||
+    err instanceof FuseManagerIncompatibleError ||
     (err instanceof SnapshotterError && err.kind !== 'Internal')
   );
 }

@@ -21,7 +21,8 @@ import {
   DEFAULT_MAX_ENTRIES,
 } from '../ztoc/index.js';
 
-export const VERSION = '0.1.0';
+export { SOCI_TS_VERSION as VERSION } from './version.js';
+import { SOCI_TS_VERSION as VERSION } from './version.js';
 export { UsageError, parseSize } from './cli-util.js';
 
 async function readZtocFile(path: string): Promise<{ index: LayerIndex; size: number }> {

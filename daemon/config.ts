@@ -12,6 +12,8 @@
  *   remote = true                            # serve layers of SOCI-indexed images remotely (Prepare with the remote labels)
  *   min_layer_size = 0                       # layers with a zTOC but smaller than this are unpacked by the daemon instead (bytes; "10MiB")
  *   fuse_manager_address = ""                # the FUSE manager's socket; "" = <root>/fuse-manager.sock
+ *   fuse_manager_log_max_size = "10MiB"      # <root>/fuse-manager.log is rotated before it grows past this
+ *   fuse_manager_log_files = 3               # rotated logs kept (fuse-manager.log.1 … .3; 0 = none)
  *
  *   [blob]
  *   fetch_timeout = "30s"                    # a read of a lazy layer waiting longer for the registry fails with EIO
@@ -42,6 +44,7 @@ import { parse as parseToml, TomlError } from 'smol-toml';
 import { DEFAULT_HOSTS_DIR, isLogLevel, type LogLevel } from '../fetcher/index.js';
 import { DEFAULT_ADDRESS, DEFAULT_ROOT } from './server.js';
 import { parseMetricsAddress } from './metrics.js';
+import { DEFAULT_LOG_FILES, DEFAULT_LOG_MAX_BYTES } from './log-file.js';
 
 export const DEFAULT_CONFIG_PATH = '/etc/soci-ts/config.toml';
 export const DEFAULT_METRICS_ADDRESS = '127.0.0.1:8000';
@@ -59,6 +62,8 @@ export interface SnapshotterConfig {
   minLayerSize: number;
   /** '' = `<root>/fuse-manager.sock`. */
   fuseManagerAddress: string;
+  fuseManagerLogMaxBytes: number;
+  fuseManagerLogFiles: number;
   fetchTimeoutMs: number;
   backgroundFetch: boolean;
   backgroundRate: number;
@@ -82,6 +87,8 @@ export const DEFAULT_CONFIG: Readonly<SnapshotterConfig> = Object.freeze({
   // As upstream's daemon: every layer with a zTOC is mounted lazily.
   minLayerSize: 0,
   fuseManagerAddress: '',
+  fuseManagerLogMaxBytes: DEFAULT_LOG_MAX_BYTES,
+  fuseManagerLogFiles: DEFAULT_LOG_FILES,
   fetchTimeoutMs: 30_000,
   backgroundFetch: true,
   backgroundRate: 32 << 20,
@@ -142,6 +149,14 @@ const size =
     return n;
   };
 
+const count =
+  (min: number, max: number): Converter =>
+  (v) => {
+    const n = typeof v === 'number' || typeof v === 'bigint' ? Number(v) : NaN;
+    if (!Number.isSafeInteger(n) || n < min || n > max) throw `must be a whole number from ${min} to ${max}`;
+    return n;
+  };
+
 const duration: Converter = (v) => {
   let ms: number;
   if (typeof v === 'number' || typeof v === 'bigint') ms = Number(v) * 1000;
@@ -188,6 +203,8 @@ const KEYS: Record<string, { field: keyof SnapshotterConfig; convert: Converter 
   'snapshotter.remote': { field: 'remote', convert: boolean },
   'snapshotter.min_layer_size': { field: 'minLayerSize', convert: size(0) },
   'snapshotter.fuse_manager_address': { field: 'fuseManagerAddress', convert: pathOrEmpty },
+  'snapshotter.fuse_manager_log_max_size': { field: 'fuseManagerLogMaxBytes', convert: size(1024) },
+  'snapshotter.fuse_manager_log_files': { field: 'fuseManagerLogFiles', convert: count(0, 100) },
   'blob.fetch_timeout': { field: 'fetchTimeoutMs', convert: positiveDuration },
   'background_fetch.enabled': { field: 'backgroundFetch', convert: boolean },
   'background_fetch.rate': { field: 'backgroundRate', convert: size(1) },

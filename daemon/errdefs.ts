@@ -14,6 +14,7 @@ export type ErrorKind =
   | 'NotFound'
   | 'AlreadyExists'
   | 'FailedPrecondition'
+  | 'ResourceExhausted'
   | 'Unavailable'
   | 'NotImplemented'
   | 'Internal';
@@ -24,6 +25,7 @@ const CLASS_TEXT: Record<ErrorKind, string> = {
   NotFound: 'not found',
   AlreadyExists: 'already exists',
   FailedPrecondition: 'failed precondition',
+  ResourceExhausted: 'resource exhausted',
   Unavailable: 'unavailable',
   NotImplemented: 'not implemented',
   Internal: 'internal',
@@ -35,6 +37,8 @@ const GRPC_CODE: Record<ErrorKind, GrpcStatus> = {
   NotFound: GrpcStatus.NOT_FOUND,
   AlreadyExists: GrpcStatus.ALREADY_EXISTS,
   FailedPrecondition: GrpcStatus.FAILED_PRECONDITION,
+  // containerd/errdefs' ErrResourceExhausted (containerd 1.6's client reads it as ErrUnknown with the message).
+  ResourceExhausted: GrpcStatus.RESOURCE_EXHAUSTED,
   Unavailable: GrpcStatus.UNAVAILABLE,
   NotImplemented: GrpcStatus.UNIMPLEMENTED,
   Internal: GrpcStatus.UNKNOWN,
@@ -65,10 +69,27 @@ export class SnapshotterError extends Error {
   }
 }
 
-/** Adds context to a classified error; other errors become Internal with the context. */
+/** Error codes that mean the file system has no space (or no inode, or no quota) left. */
+const NO_SPACE_CODES: ReadonlySet<string> = new Set(['ENOSPC', 'EDQUOT', 'SQLITE_FULL']);
+
+/** Whether `err` (or an error in its cause chain) is a file system out of space or inodes. */
+export function isNoSpace(err: unknown): boolean {
+  for (let e = err, depth = 0; e !== undefined && e !== null && depth < 8; e = (e as { cause?: unknown }).cause, depth++) {
+    if (e instanceof SnapshotterError && e.kind === 'ResourceExhausted') return true;
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === 'string' && NO_SPACE_CODES.has(code)) return true;
+  }
+  return false;
+}
+
+/**
+ * Adds context to a classified error; a file system out of space becomes ResourceExhausted;
+ * other errors become Internal with the context.
+ */
 export function wrapError(err: unknown, context: string): SnapshotterError {
   if (err instanceof SnapshotterError) return err.wrap(context);
   const text = err instanceof Error ? err.message : String(err);
+  if (isNoSpace(err)) return new SnapshotterError('ResourceExhausted', `${context}: ${text}`, { cause: err });
   const e = new SnapshotterError('Internal', '', { cause: err });
   e.message = `${context}: ${text}`;
   return e;

@@ -3,17 +3,21 @@
  * protocol (daemon/fuse-protocol.ts), and starting the manager when none answers.
  *
  * The manager is started as `node <this CLI> fuse-manager ...` detached from the snapshotter: its
- * own session and process group (setsid), stdin closed, stdout and stderr appended to a log file,
- * so that neither a signal to the snapshotter's process group, nor systemd's `KillMode=process`
- * stop, nor the snapshotter's death reaches it.
+ * own session and process group (setsid), stdin closed, so that neither a signal to the
+ * snapshotter's process group, nor systemd's `KillMode=process` stop, nor the snapshotter's death
+ * reaches it. It writes its JSON log lines itself (`--log-file`, rotated by size: see
+ * daemon/log-file.ts); its stdout and stderr (what is not a log line: a crash's stack trace, Node's
+ * warnings) go to a separate file, started afresh at each start with the previous one kept as
+ * `<file>.1`.
  */
 import { spawn } from 'node:child_process';
-import { mkdir, open, readFile } from 'node:fs/promises';
+import { mkdir, open, readFile, rename, stat } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { dirname } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from '../fetcher/index.js';
-import { FUSE_MANAGER_PROTOCOL, FuseManagerError, LineSplitter, type HelloResult, type MethodName, type Methods } from './fuse-protocol.js';
+import { FuseManagerError, LineSplitter, protocolsOverlap, type HelloResult, type MethodName, type Methods } from './fuse-protocol.js';
+import { buildIdentity, type BuildIdentity } from './version.js';
 
 /** How long a call may take before the client gives up on it (mounts fetch a zTOC first). */
 const CALL_TIMEOUT_MS: Record<MethodName, number> = {
@@ -142,12 +146,19 @@ export class FuseManagerClient {
 
 export interface ManagerLaunch {
   socket: string;
-  /** Arguments after `fuse-manager` (root, socket, settings). */
+  /** Arguments after `fuse-manager` (root, socket, settings, its log file). */
   args: readonly string[];
-  /** stdout and stderr of the manager are appended here. */
+  /** The manager's log (named in errors; its last lines are quoted when it does not start). */
   logFile: string;
+  /** stdout and stderr of the manager go here (default: `logFile` with `.out` for `.log`). */
+  outFile?: string;
   /** How long to wait for a started manager to answer (default 30 s). */
   startTimeoutMs?: number;
+}
+
+/** Where the manager's stdout and stderr go. */
+export function managerOutFile(launch: ManagerLaunch): string {
+  return launch.outFile ?? launch.logFile.replace(/(\.log)?$/, '.out');
 }
 
 /** The command line that runs this CLI again (the node binary, its flags, the script). */
@@ -163,13 +174,17 @@ function selfCommand(): { cmd: string; args: string[] } {
  */
 export async function startFuseManager(launch: ManagerLaunch, logger: Logger): Promise<{ client: FuseManagerClient; hello: HelloResult }> {
   await mkdir(dirname(launch.logFile), { recursive: true, mode: 0o700 });
-  const log = await open(launch.logFile, 'a', 0o600);
+  const outFile = managerOutFile(launch);
+  // The previous manager's output (why it died, maybe) is kept once.
+  const prev = await stat(outFile).catch(() => undefined);
+  if (prev !== undefined && prev.size > 0) await rename(outFile, `${outFile}.1`).catch(() => undefined);
+  const out = await open(outFile, 'w', 0o600);
   const self = selfCommand();
   let child;
   try {
-    child = spawn(self.cmd, [...self.args, 'fuse-manager', ...launch.args], { detached: true, stdio: ['ignore', log.fd, log.fd] });
+    child = spawn(self.cmd, [...self.args, 'fuse-manager', ...launch.args], { detached: true, stdio: ['ignore', out.fd, out.fd] });
   } finally {
-    await log.close();
+    await out.close();
   }
   let exited: string | undefined;
   child.on('exit', (code, signal) => (exited = `exited with code ${String(code)}, signal ${String(signal)}`));
@@ -183,8 +198,12 @@ export async function startFuseManager(launch: ManagerLaunch, logger: Logger): P
       // Another manager may have won the race for the socket: use it.
       const c = await tryHello(launch.socket);
       if (c !== undefined) return c;
-      const tail = (await readFile(launch.logFile, 'utf8').catch(() => '')).trim().split('\n').slice(-5).join('\n');
-      throw new FuseManagerError('unavailable', launch.socket, `the FUSE manager ${exited}; last lines of ${launch.logFile}:\n${tail}`);
+      const tails: string[] = [];
+      for (const f of [outFile, launch.logFile]) {
+        const tail = (await readFile(f, 'utf8').catch(() => '')).trim().split('\n').slice(-5).join('\n');
+        if (tail !== '') tails.push(`last lines of ${f}:\n${tail}`);
+      }
+      throw new FuseManagerError('unavailable', launch.socket, `the FUSE manager ${exited}; ${tails.length > 0 ? tails.join('\n') : `${outFile} and ${launch.logFile} say nothing`}`);
     }
     const c = await tryHello(launch.socket).catch((err: unknown) => {
       last = err;
@@ -206,22 +225,131 @@ async function tryHello(socket: string): Promise<{ client: FuseManagerClient; he
     return undefined;
   }
   try {
-    const hello = await client.hello();
-    if (hello.protocol !== FUSE_MANAGER_PROTOCOL) {
-      client.close();
-      throw new FuseManagerError('unavailable', socket, `the FUSE manager speaks protocol ${hello.protocol}, this snapshotter ${FUSE_MANAGER_PROTOCOL}`);
-    }
-    return { client, hello };
-  } catch (err) {
+    return { client, hello: await client.hello() };
+  } catch {
     client.close();
-    if (err instanceof FuseManagerError && /speaks protocol/.test(err.message)) throw err;
     return undefined;
   }
 }
 
-/** Connects to the running manager, or starts one. `started` tells which. */
-export async function connectOrStartFuseManager(launch: ManagerLaunch, logger: Logger): Promise<{ client: FuseManagerClient; hello: HelloResult; started: boolean }> {
+/** How a running manager's build relates to this process's. */
+export type ManagerBuildMatch =
+  /** The same version and build. */
+  | 'same'
+  /** Another version or build that speaks a protocol this one speaks. */
+  | 'compatible'
+  /** No protocol in common. */
+  | 'incompatible';
+
+export function matchBuild(hello: HelloResult, ours: BuildIdentity): ManagerBuildMatch {
+  if (!protocolsOverlap(hello, ours)) return 'incompatible';
+  return hello.version === ours.version && hello.build === ours.build ? 'same' : 'compatible';
+}
+
+/** `soci-ts 0.1.0, build abc123…, FUSE manager protocol 1` (or protocols 1–2). */
+export function describeBuild(b: { version: string; build?: string; protocol: number; oldestProtocol?: number }): string {
+  const lo = b.oldestProtocol ?? b.protocol;
+  return `soci-ts ${b.version}, build ${b.build ?? 'unknown (it predates build ids)'}, FUSE manager protocol ${lo === b.protocol ? String(b.protocol) : `${lo}–${b.protocol}`}`;
+}
+
+/** What to do about a manager of another build (it is named by pid). */
+export function upgradeAdvice(pid: number): string {
+  return `to move its mounts to this build, stop the containers that run on lazily pulled images, then \`kill -TERM ${pid}\` (the manager unmounts its layers and exits); the snapshotter then starts a FUSE manager of its own build and mounts the lazy snapshots again (a manager that serves no mount is replaced at the snapshotter's start without this)`;
+}
+
+/**
+ * The running FUSE manager speaks no protocol this snapshotter speaks, and it serves mounts
+ * (running containers read through it), so it is left alone and the snapshotter does not drive it.
+ */
+export class FuseManagerIncompatibleError extends Error {
+  constructor(
+    readonly socket: string,
+    readonly manager: HelloResult,
+    readonly ours: BuildIdentity,
+  ) {
+    super(
+      `the running FUSE manager on ${socket} (pid ${manager.pid}; ${describeBuild(manager)}) cannot be driven by this snapshotter (${describeBuild(ours)}): ` +
+        `no FUSE manager protocol in common. It serves ${manager.mounts} lazily mounted layer(s) for running containers, so it is left running and untouched. ` +
+        `To fix: ${upgradeAdvice(manager.pid)}; or go back to soci-ts ${manager.version} until then.`,
+    );
+    this.name = 'FuseManagerIncompatibleError';
+  }
+}
+
+export interface ConnectedManager {
+  client: FuseManagerClient;
+  hello: HelloResult;
+  /** A new manager was started (none answered, or an idle one of another build was replaced). */
+  started: boolean;
+  /** How the manager's build relates to ours ('same' for one we started). */
+  match: ManagerBuildMatch;
+  /** The pid of a manager of another build that was replaced because it served no mount. */
+  replaced?: HelloResult;
+}
+
+/** Whether /proc/PID/cmdline is a soci-ts fuse-manager's (so a pid from a socket is not some other process). */
+async function isFuseManagerProcess(pid: number): Promise<boolean> {
+  const cmd = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+  return cmd.split('\0').includes('fuse-manager');
+}
+
+/** SIGTERMs an idle manager and waits until it is gone (its socket stops answering and the process ends). */
+async function stopIdleManager(hello: HelloResult, socket: string, timeoutMs = 30_000): Promise<void> {
+  if (await isFuseManagerProcess(hello.pid)) {
+    try {
+      process.kill(hello.pid, 'SIGTERM');
+    } catch {
+      // gone already
+    }
+  }
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const gone = !(await isFuseManagerProcess(hello.pid));
+    const c = gone ? await tryHello(socket) : undefined;
+    c?.client.close();
+    if (gone && (c === undefined || c.hello.instance !== hello.instance)) return;
+    if (Date.now() > deadline) throw new FuseManagerError('unavailable', socket, `the idle FUSE manager of another build (pid ${hello.pid}) did not exit within ${timeoutMs} ms of SIGTERM`);
+    await sleep(100);
+  }
+}
+
+/**
+ * Connects to the running manager, or starts one. A running manager of another build is:
+ * reattached when it serves mounts and shares a protocol (`match: 'compatible'`: the caller
+ * reports it); replaced by one of this build when it serves no mount; refused with
+ * {@link FuseManagerIncompatibleError} when it serves mounts and shares no protocol.
+ */
+export async function connectOrStartFuseManager(launch: ManagerLaunch, logger: Logger): Promise<ConnectedManager> {
+  const ours = await buildIdentity();
   const running = await tryHello(launch.socket);
-  if (running !== undefined) return { ...running, started: false };
-  return { ...(await startFuseManager(launch, logger)), started: true };
+  let replaced: HelloResult | undefined;
+  if (running !== undefined) {
+    const match = matchBuild(running.hello, ours);
+    if (match === 'same') return { ...running, started: false, match };
+    if (running.hello.mounts > 0) {
+      if (match === 'compatible') return { ...running, started: false, match };
+      running.client.close();
+      throw new FuseManagerIncompatibleError(launch.socket, running.hello, ours);
+    }
+    running.client.close();
+    logger.warn('replacing an idle FUSE manager of another build (it serves no mount)', {
+      pid: running.hello.pid,
+      managerVersion: running.hello.version,
+      managerBuild: running.hello.build,
+      managerProtocol: running.hello.protocol,
+      version: ours.version,
+      build: ours.build,
+      protocol: ours.protocol,
+    });
+    await stopIdleManager(running.hello, launch.socket);
+    replaced = running.hello;
+  }
+  const started = await startFuseManager(launch, logger);
+  // Another snapshotter may have won the race for the socket with a manager of its own.
+  const match = matchBuild(started.hello, ours);
+  if (match === 'incompatible') {
+    started.client.close();
+    throw new FuseManagerIncompatibleError(launch.socket, started.hello, ours);
+  }
+  return { ...started, started: true, match, ...(replaced !== undefined ? { replaced } : {}) };
 }

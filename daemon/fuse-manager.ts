@@ -33,7 +33,6 @@ import { readZtoc } from '../ztoc/index.js';
 import { DiscoverError, loadZtoc } from './discover.js';
 import {
   descriptorProblem,
-  FUSE_MANAGER_PROTOCOL,
   FuseManagerError,
   LineSplitter,
   METHOD_NAMES,
@@ -45,13 +44,13 @@ import {
   type UnmountParams,
   type UnmountResult,
 } from './fuse-protocol.js';
+import { isNoSpace } from './errdefs.js';
 import { mountLazyLayer } from './layers.js';
 import { safeSink, type MetricsSink } from './metrics-sink.js';
 import type { ArtifactStore } from './store.js';
 import { detach, mountsUnder, runCommand } from './sysmount.js';
 import { prepareSocketPath } from './server.js';
-
-export const MANAGER_VERSION = '0.1.0';
+import { buildIdentity, type BuildIdentity } from './version.js';
 
 export interface BackgroundSettings {
   /** Default true. */
@@ -94,6 +93,7 @@ function message(err: unknown): string {
 /** Classifies what went wrong while mounting into a wire error. */
 function toManagerError(err: unknown, subject: string): FuseManagerError {
   if (err instanceof FuseManagerError) return err;
+  if (isNoSpace(err)) return new FuseManagerError('no-space', subject, `no space left for it under the root: ${message(err)}`, { cause: err });
   if (err instanceof DiscoverError) return new FuseManagerError('bad-ztoc', '', err.message, { cause: err });
   if (err instanceof FetcherError) return new FuseManagerError('registry', '', err.message, { cause: err });
   if (err instanceof FuseError) return new FuseManagerError('fuse', '', err.message, { cause: err });
@@ -124,6 +124,7 @@ export class FuseManager {
     memory: InflatedSpanCache,
     private readonly background: BackgroundFetcher,
     sink: MetricsSink | undefined,
+    private readonly identity: BuildIdentity,
   ) {
     this.sink = sink;
     // Cache hits and misses reach the sink through thin wrappers (only with a sink).
@@ -162,7 +163,8 @@ export class FuseManager {
       onLayerComplete: (st) => sink?.layerComplete(st.layerDigest),
     });
     const server = createServer();
-    const self = new FuseManager(opts, server, disk, memory, background, sink);
+    const identity = await buildIdentity();
+    const self = new FuseManager(opts, server, disk, memory, background, sink, identity);
     server.on('connection', (s) => self.serve(s));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -173,7 +175,7 @@ export class FuseManager {
     });
     await chmod(opts.socket, 0o600);
     server.on('error', (err) => logger.error('FUSE manager socket error', { error: err }));
-    logger.info('FUSE manager serving', { socket: opts.socket, root: opts.root, pid: process.pid, instance: self.instance });
+    logger.info('FUSE manager serving', { socket: opts.socket, root: opts.root, pid: process.pid, instance: self.instance, version: identity.version, build: identity.build, protocol: identity.protocol });
     return self;
   }
 
@@ -204,11 +206,16 @@ export class FuseManager {
           return;
         }
         const id = req.id;
+        const t0 = performance.now();
         this.dispatch(req.method, req.params).then(
-          (result) => send({ id, result }),
+          (result) => {
+            this.opts.logger.debug('request answered', { method: req.method, id, ms: Math.round((performance.now() - t0) * 1000) / 1000 });
+            send({ id, result });
+          },
           (err: unknown) => {
             const e = toManagerError(err, String(req.method));
             if (e.kind === 'internal') this.opts.logger.error('FUSE manager request failed', { method: req.method, error: err });
+            else this.opts.logger.debug('request refused', { method: req.method, id, kind: e.kind, error: e.message });
             send({ id, error: e.toWire() });
           },
         );
@@ -260,9 +267,12 @@ export class FuseManager {
   // ---------------------------------------------------------------- operations
 
   hello(): HelloResult {
+    const b = this.identity;
     return {
-      protocol: FUSE_MANAGER_PROTOCOL,
-      version: MANAGER_VERSION,
+      protocol: b.protocol,
+      oldestProtocol: b.oldestProtocol,
+      version: b.version,
+      build: b.build,
       pid: process.pid,
       instance: this.instance,
       startedAt: this.startedAt,

@@ -8,8 +8,17 @@
  * {@link MAX_LINE_BYTES} or one that is not a JSON object closes the connection after an
  * `invalid` error.
  *
+ * Versions. `hello` is the handshake and stays the same in every protocol version: a
+ * snapshotter of any build can ask any manager which build it is (`version`, `build`) and which
+ * protocols it speaks (`oldestProtocol` … `protocol`; a manager without `oldestProtocol` speaks
+ * `protocol` only). The snapshotter drives a manager when their protocol ranges overlap
+ * ({@link protocolsOverlap}); a manager of another build is reattached (and reported), replaced
+ * when it serves no mount, and refused when the protocols do not overlap (see
+ * daemon/fuse-manager-client.ts). A change to any other method's params or results that an
+ * older peer would misread is a new protocol number.
+ *
  * Methods (params → result):
- * - `hello` {} → {@link HelloResult}: protocol version, pid, instance id (new each start).
+ * - `hello` {} → {@link HelloResult}: protocol versions, build, pid, instance id (new each start).
  * - `mount` {@link MountParams} → {@link ManagedMount}: mount a layer lazily at a mountpoint;
  *   the same layer at the same mountpoint again answers the existing mount.
  * - `unmount` {@link UnmountParams} → {@link UnmountResult}.
@@ -21,7 +30,17 @@
  * - `metrics` {} → {text}: Prometheus text of the manager's metrics sink (`unsupported` without one).
  */
 
+/** The protocol this build speaks (the newest it knows). */
 export const FUSE_MANAGER_PROTOCOL = 1;
+/** The oldest protocol this build still speaks. */
+export const OLDEST_FUSE_MANAGER_PROTOCOL = 1;
+
+/** Whether two peers share a protocol (ranges `oldestProtocol` … `protocol`, inclusive). */
+export function protocolsOverlap(a: { protocol: number; oldestProtocol?: number }, b: { protocol: number; oldestProtocol?: number }): boolean {
+  const lo = Math.max(a.oldestProtocol ?? a.protocol, b.oldestProtocol ?? b.protocol);
+  const hi = Math.min(a.protocol, b.protocol);
+  return lo <= hi;
+}
 /** Longest request or answer line. */
 export const MAX_LINE_BYTES = 8 << 20;
 
@@ -38,6 +57,8 @@ export type FuseManagerErrorKind =
   | 'registry'
   /** FUSE is unavailable, or a FUSE mount or unmount failed. */
   | 'fuse'
+  /** The snapshotter root's file system has no space left (the zTOC or a span could not be stored). */
+  | 'no-space'
   /** The manager has no such feature (e.g. no metrics sink). */
   | 'unsupported'
   /** The manager is not running or not reachable, or it is shutting down. */
@@ -45,7 +66,7 @@ export type FuseManagerErrorKind =
   /** Anything else (a bug). */
   | 'internal';
 
-const KINDS: ReadonlySet<string> = new Set<FuseManagerErrorKind>(['invalid', 'not-found', 'busy', 'bad-ztoc', 'registry', 'fuse', 'unsupported', 'unavailable', 'internal']);
+const KINDS: ReadonlySet<string> = new Set<FuseManagerErrorKind>(['invalid', 'not-found', 'busy', 'bad-ztoc', 'registry', 'fuse', 'no-space', 'unsupported', 'unavailable', 'internal']);
 
 /** An error of the FUSE manager, as it crosses the wire: kind, subject (a path, digest), message. */
 export class FuseManagerError extends Error {
@@ -87,8 +108,14 @@ export interface WireDescriptor {
 }
 
 export interface HelloResult {
+  /** The newest protocol the manager speaks. */
   protocol: number;
+  /** The oldest protocol it speaks (absent from managers before it was added: `protocol` only). */
+  oldestProtocol?: number;
+  /** soci-ts release of the manager. */
   version: string;
+  /** Digest of the manager's compiled modules (absent from managers before it was added). */
+  build?: string;
   pid: number;
   /** Random, new at every start of a manager: a changed instance means its mounts are gone. */
   instance: string;

@@ -18,6 +18,12 @@
  * Ids are allocated from a persistent sequence and never reused (a directory named after a
  * removed snapshot's id can never be mistaken for a new snapshot's).
  *
+ * A file system without space: a write transaction that cannot be written rolls back and
+ * throws ResourceExhausted naming the database (so no half-written row). So that Removes, which
+ * give space back, still work on a full file system, a space reserve (`metadata.reserve` next to
+ * the database, 1 MiB of zeros) is kept: a Remove that finds no space deletes it, logs a warning
+ * and runs again; the reserve is made again after the next write that finds room for it.
+ *
  * better-sqlite3 is synchronous: each call runs on the caller's thread. The statements are
  * small indexed lookups on a local file (never on a FUSE mount), so they do not stall the
  * event loop the way a synchronous call on a FUSE path would. `synchronous = NORMAL` in WAL
@@ -25,8 +31,10 @@
  * never leaves the database inconsistent.
  */
 import Database from 'better-sqlite3';
-import { join } from 'node:path';
-import { alreadyExists, failedPrecondition, invalidArgument, notFound, SnapshotterError } from './errdefs.js';
+import { closeSync, fstatSync, openSync, statSync, unlinkSync, writeSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import type { Logger } from '../fetcher/index.js';
+import { alreadyExists, failedPrecondition, invalidArgument, isNoSpace, notFound, SnapshotterError } from './errdefs.js';
 import { parseFilters } from './filters.js';
 
 export type SnapshotKind = 'active' | 'committed' | 'view';
@@ -135,6 +143,23 @@ export interface CommitOptions {
 export const MAX_LABEL_BYTES = 4096;
 
 const SCHEMA_VERSION = 2;
+
+/** Size of the space reserve kept next to the database (room for the log frames of many Removes). */
+export const DEFAULT_RESERVE_BYTES = 1 << 20;
+
+export interface MetadataOptions {
+  /** Bytes of the space reserve (default 1 MiB; 0 = none). */
+  reserveBytes?: number;
+  /** Where the store says it used its reserve. */
+  logger?: Logger;
+}
+
+/** ResourceExhausted for a file system without space: `<context>: no space left on the file system (<cause>)`. */
+function noSpace(context: string, cause: unknown): SnapshotterError {
+  const code = (cause as { code?: unknown }).code;
+  const text = cause instanceof Error ? cause.message : String(cause);
+  return new SnapshotterError('ResourceExhausted', `${context}: no space left on its file system (${typeof code === 'string' ? `${code}: ` : ''}${text})`, { cause });
+}
 
 interface Row {
   id: number;
@@ -285,16 +310,30 @@ export class MetadataStore {
     totals: Database.Statement<[], { kind: SnapshotKind; count: number; size: number; inodes: number }>;
   };
 
+  /** The space reserve next to the database (see the module comment). */
+  readonly reservePath: string;
+  private readonly reserveBytes: number;
+  private readonly log: Logger | undefined;
+  /** The reserve file is missing or shorter than it should be (topped up after the next write). */
+  private reserveShort = true;
+
   /** Opens (creating when needed) `<root>/metadata.db`. */
-  static open(root: string): MetadataStore {
-    return new MetadataStore(join(root, 'metadata.db'));
+  static open(root: string, opts: MetadataOptions = {}): MetadataStore {
+    return new MetadataStore(join(root, 'metadata.db'), opts);
   }
 
-  constructor(readonly path: string) {
+  constructor(
+    readonly path: string,
+    opts: MetadataOptions = {},
+  ) {
+    this.reservePath = join(dirname(path), 'metadata.reserve');
+    this.reserveBytes = opts.reserveBytes ?? DEFAULT_RESERVE_BYTES;
+    this.log = opts.logger;
     let db: Database.Database;
     try {
       db = new Database(path);
     } catch (e) {
+      if (isNoSpace(e)) throw noSpace(`cannot create the metadata database ${path}`, e);
       throw new SnapshotterError('Internal', `cannot open the metadata database ${path}: ${(e as Error).message}`, { cause: e });
     }
     this.db = db;
@@ -306,9 +345,16 @@ export class MetadataStore {
       this.migrate();
     } catch (e) {
       db.close();
+      if (e instanceof SnapshotterError && e.kind === 'ResourceExhausted') {
+        const err = new SnapshotterError('ResourceExhausted', '', { cause: e });
+        err.message = `cannot set up the metadata database: ${e.message}`;
+        throw err;
+      }
       if (e instanceof SnapshotterError) throw e;
+      if (isNoSpace(e)) throw noSpace(`cannot set up the metadata database ${path}`, e);
       throw new SnapshotterError('Internal', `cannot set up the metadata database ${path}: ${(e as Error).message}`, { cause: e });
     }
+    this.ensureReserve();
     this.stmt = {
       byKey: db.prepare(`${SELECT_ROW} WHERE s.key = ?`),
       idOfKey: db.prepare('SELECT id, kind, parent_id FROM snapshots WHERE key = ?'),
@@ -354,7 +400,7 @@ export class MetadataStore {
       );
     }
     if (version === SCHEMA_VERSION) return;
-    this.db.transaction(() => {
+    this.write(() => {
       if (version < 1) {
         this.db.exec(`
           CREATE TABLE snapshots (
@@ -404,7 +450,7 @@ export class MetadataStore {
         `);
       }
       this.db.pragma(`user_version = ${SCHEMA_VERSION}`);
-    }).immediate();
+    });
   }
 
   close(): void {
@@ -412,15 +458,69 @@ export class MetadataStore {
   }
 
   /**
+   * Runs `fn` in one write transaction (BEGIN IMMEDIATE). A file system without space makes it
+   * roll back and throw ResourceExhausted naming the database.
+   */
+  private write<T>(fn: () => T): T {
+    let out: T;
+    try {
+      out = this.db.transaction(fn).immediate();
+    } catch (e) {
+      if (!(e instanceof SnapshotterError) && isNoSpace(e)) throw noSpace(`metadata database ${this.path}`, e);
+      throw e;
+    }
+    if (this.reserveShort) this.ensureReserve();
+    return out;
+  }
+
+  /** Makes the reserve file its full size where space allows (what fits is kept). */
+  private ensureReserve(): void {
+    if (this.reserveBytes <= 0) {
+      this.reserveShort = false;
+      return;
+    }
+    let fd: number | undefined;
+    try {
+      fd = openSync(this.reservePath, 'a', 0o600);
+      let have = fstatSync(fd).size;
+      const zeros = Buffer.alloc(Math.min(this.reserveBytes, 64 << 10));
+      while (have < this.reserveBytes) have += writeSync(fd, zeros, 0, Math.min(zeros.length, this.reserveBytes - have));
+      this.reserveShort = false;
+    } catch {
+      this.reserveShort = true; // no space for it now: the next write tries again
+    } finally {
+      if (fd !== undefined) closeSync(fd);
+    }
+  }
+
+  /** Deletes the reserve so that a transaction that frees space can run on a full file system. */
+  private releaseReserve(): boolean {
+    let size = 0;
+    try {
+      size = statSync(this.reservePath).size;
+      unlinkSync(this.reservePath);
+    } catch {
+      return false;
+    }
+    this.reserveShort = true;
+    this.log?.warn('the file system of the metadata database is full: its space reserve was released so that a Remove can be recorded (free space on it)', {
+      database: this.path,
+      reserve: this.reservePath,
+      bytes: size,
+    });
+    return size > 0;
+  }
+
+  /**
    * Allocates a snapshot id (committed at once, so it is never handed out twice, even if the
    * snapshot it was meant for is never created).
    */
   reserveId(): string {
-    return this.db.transaction(() => {
+    return this.write(() => {
       const row = this.stmt.nextId.get();
       if (row === undefined) throw new SnapshotterError('Internal', `metadata database ${this.path}: the id sequence is missing`);
       return String(row.value);
-    }).immediate();
+    });
   }
 
   /**
@@ -446,7 +546,7 @@ export class MetadataStore {
   /** Creates an active or view snapshot (one transaction). */
   create(kind: SnapshotKind, key: string, parent: string, opts: CreateOptions = {}): MountableSnapshot {
     const labels = JSON.stringify(normalizeLabels(opts.labels));
-    return this.db.transaction((): MountableSnapshot => {
+    return this.write((): MountableSnapshot => {
       const parentId = this.checkCreate(kind, key, parent);
       const id = opts.id !== undefined ? Number(opts.id) : Number(this.reserveIdInTx());
       if (!Number.isSafeInteger(id) || id <= 0) throw invalidArgument(`snapshot id ${String(opts.id)} is not a positive integer`);
@@ -455,7 +555,7 @@ export class MetadataStore {
       const r = opts.remote;
       this.stmt.insert.run(id, key, kind, parentId === undefined ? null : Number(parentId), labels, t, t, r !== undefined ? 1 : 0, r?.layerDigest ?? null, r?.indexDigest ?? null);
       return { id: String(id), kind: kind as 'active' | 'view', parentIds: parentId === undefined ? [] : this.chainIds(Number(parentId)) };
-    }).immediate();
+    });
   }
 
   private reserveIdInTx(): string {
@@ -496,7 +596,7 @@ export class MetadataStore {
    * updated info.
    */
   update(name: string, labels: Record<string, string> | undefined, fieldpaths: readonly string[]): SnapshotRecord {
-    return this.db.transaction((): SnapshotRecord => {
+    return this.write((): SnapshotRecord => {
       const cur = this.get(name);
       if (cur === undefined) throw notFound('snapshot does not exist');
       const given = labels ?? {};
@@ -517,7 +617,7 @@ export class MetadataStore {
       const after = this.get(name);
       if (after === undefined) throw new SnapshotterError('Internal', `snapshot ${name} vanished during update`);
       return after;
-    }).immediate();
+    });
   }
 
   /**
@@ -526,7 +626,7 @@ export class MetadataStore {
    */
   commit(key: string, name: string, opts: CommitOptions = {}): string {
     const labels = JSON.stringify(normalizeLabels(opts.labels));
-    return this.db.transaction((): string => {
+    return this.write((): string => {
       requireKey(name, 'committed snapshot name');
       if (this.stmt.idOfKey.get(name) !== undefined) throw alreadyExists(`committed snapshot ${name}`);
       const cur = this.get(key);
@@ -554,19 +654,26 @@ export class MetadataStore {
       }
       if (opts.layerMode !== undefined) this.upsertMode(opts.layerMode, t);
       return cur.id;
-    }).immediate();
+    });
   }
 
   /** Remove: FailedPrecondition while it has children. Returns the removed record (with its remote details). */
   remove(key: string): SnapshotRecord & { details?: RemoteDetails } {
-    return this.db.transaction((): SnapshotRecord & { details?: RemoteDetails } => {
+    const tx = (): SnapshotRecord & { details?: RemoteDetails } => {
       const cur = this.get(key);
       if (cur === undefined) throw notFound(`snapshot ${key}`);
       if (this.stmt.firstChild.get(Number(cur.id)) !== undefined) throw failedPrecondition('cannot remove snapshot with child');
       const d = this.stmt.detailsOf.get(Number(cur.id));
       this.stmt.remove.run(Number(cur.id));
       return d === undefined ? cur : { ...cur, details: toDetails(d) };
-    }).immediate();
+    };
+    try {
+      return this.write(tx);
+    } catch (e) {
+      // A Remove is how space comes back: on a full file system it may use the reserve.
+      if (!isNoSpace(e) || !this.releaseReserve()) throw e;
+      return this.write(tx);
+    }
   }
 
   /** The remote details of snapshot `id`, if it is served lazily. */
@@ -598,7 +705,7 @@ export class MetadataStore {
 
   /** Records how a layer was served (one transaction). */
   recordLayerMode(m: LayerModeRecord): void {
-    this.db.transaction(() => this.upsertMode(m, nowMicros())).immediate();
+    this.write(() => this.upsertMode(m, nowMicros()));
   }
 
   /** Every layer's last recorded mode, by layer digest. */

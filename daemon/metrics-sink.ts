@@ -6,6 +6,13 @@
  */
 export type LayerModeName = 'lazy' | 'local' | 'fallback';
 
+export interface FuseManagerInfo {
+  version: string;
+  build: string;
+  protocol: number;
+  current: boolean;
+}
+
 export interface MetricsSink {
   /** One FUSE operation of a lazily mounted layer. */
   fuseOp(op: string, layer: string, ms: number, ok: boolean): void;
@@ -23,6 +30,8 @@ export interface MetricsSink {
   layerComplete(layer: string): void;
   /** How a layer is served, and why when it is not lazy. */
   layerMode(layer: string, mode: LayerModeName, reason: string): void;
+  /** The FUSE manager in use: its build, and whether it is this snapshotter's (`current`). */
+  fuseManagerInfo?(info: FuseManagerInfo): void;
   /** Prometheus text exposition of everything recorded (for the FUSE manager's `metrics` call). */
   render?(): Promise<string> | string;
   /** The same, under daemon/metrics.ts's name for it. */
@@ -50,6 +59,7 @@ export function safeSink(sink: MetricsSink | undefined, onError: (err: unknown) 
     backgroundProgress: wrap(sink.backgroundProgress),
     layerComplete: wrap(sink.layerComplete),
     layerMode: wrap(sink.layerMode),
+    ...(sink.fuseManagerInfo !== undefined ? { fuseManagerInfo: wrap(sink.fuseManagerInfo) } : {}),
     ...(sink.render !== undefined ? { render: () => sink.render!() } : sink.text !== undefined ? { render: () => sink.text!() } : {}),
   };
 }

@@ -38,6 +38,7 @@
  *   soci_ts_span_cache_misses_total               counter    kind
  *   soci_ts_fetch_errors_total                    counter    layer, kind
  *   soci_ts_fetch_retries_total                   counter    operation, cause   one per retried registry request
+ *   soci_ts_fuse_manager_info                     gauge      version, build, protocol, current   1 (snapshotter only)
  *
  * plus prom-client's Node process metrics (`process_*`, `nodejs_*`: CPU, RSS, heap, fds,
  * event-loop lag, GC). A layer has exactly one soci_ts_layer_mode series (a new mode replaces
@@ -97,7 +98,9 @@ export type LayerModeReason =
   /** fallback: FUSE cannot be used on this host. */
   | 'fuse-unavailable'
   /** fallback: the index's pull mode (v1 or v2) is disabled by config. */
-  | 'mode-disabled';
+  | 'mode-disabled'
+  /** fallback: the snapshotter's root has no space left (zTOC, download or metadata could not be written). */
+  | 'no-space';
 
 export type LayerMode = 'lazy' | 'local' | 'fallback';
 
@@ -135,6 +138,8 @@ export interface MetricsSink {
   imageOperation?(operationType: string, image: string): void;
   /** Drops every per-layer series of the layer. */
   forgetLayer?(layer: string): void;
+  /** The FUSE manager the snapshotter drives: its build, and whether it is the snapshotter's own (`current`). */
+  fuseManagerInfo?(info: { version: string; build: string; protocol: number; current: boolean }): void;
 }
 
 /** Records nothing; `text()` is empty. */
@@ -153,6 +158,7 @@ export const nullMetrics: MetricsSink = Object.freeze({
   served: () => undefined,
   imageOperation: () => undefined,
   forgetLayer: () => undefined,
+  fuseManagerInfo: () => undefined,
 });
 
 export interface CreateMetricsOptions {
@@ -214,6 +220,7 @@ class PromMetrics implements MetricsSink {
   private readonly cacheMisses: Counter<'kind'>;
   private readonly fetchErrors: Counter<'layer' | 'kind'>;
   private readonly retries: Counter<'operation' | 'cause'>;
+  private readonly managerInfo: Gauge<'version' | 'build' | 'protocol' | 'current'>;
   /** Label children of the FUSE-op histogram by op (the hot path allocates nothing once warm). */
   private readonly fuseChildren = new Map<string, Observer>();
   /**
@@ -288,6 +295,12 @@ class PromMetrics implements MetricsSink {
       name: 'soci_ts_fetch_retries_total',
       help: 'Retried registry requests, by operation (manifest, blob, blob_stream, range, referrers, push) and cause of the failed attempt.',
       labelNames: ['operation', 'cause'],
+      registers,
+    });
+    this.managerInfo = new Gauge({
+      name: 'soci_ts_fuse_manager_info',
+      help: 'The FUSE manager the snapshotter drives: 1 for its soci-ts version, build and protocol; current="false" when it is not the snapshotter\'s own build (it predates an upgrade).',
+      labelNames: ['version', 'build', 'protocol', 'current'],
       registers,
     });
     if (opts.processMetrics !== false) collectDefaultMetrics({ register: r });
@@ -393,6 +406,11 @@ class PromMetrics implements MetricsSink {
     this.modes.set(layer, { mode, reason: r });
     this.series<Setter>(layer, `mode\0${mode}\0${r}`, this.mode, { layer: label(layer), mode, reason: r }).set(1);
     if (mode === 'lazy' && !this.perLayer.get(layer)?.has('complete')) this.byLayer<Setter>(this.complete, 'complete', layer).set(0);
+  }
+
+  fuseManagerInfo(info: { version: string; build: string; protocol: number; current: boolean }): void {
+    this.managerInfo.reset();
+    this.managerInfo.labels({ version: label(info.version), build: label(info.build), protocol: String(info.protocol), current: String(info.current) }).set(1);
   }
 
   forgetLayer(layer: string): void {

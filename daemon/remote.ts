@@ -44,8 +44,18 @@ import {
 } from '../fetcher/index.js';
 import { DiscoverError, discoverIndex, prefetchZtoc, type DiscoveredIndex, type PullModes } from './discover.js';
 import { diskUsage } from './diskusage.js';
-import { connectOrStartFuseManager, FuseManagerClient, type ManagerLaunch } from './fuse-manager-client.js';
-import { FuseManagerError, type ManagedMount, type WireDescriptor } from './fuse-protocol.js';
+import { isNoSpace } from './errdefs.js';
+import {
+  connectOrStartFuseManager,
+  describeBuild,
+  FuseManagerClient,
+  FuseManagerIncompatibleError,
+  upgradeAdvice,
+  type ManagerBuildMatch,
+  type ManagerLaunch,
+} from './fuse-manager-client.js';
+import { FuseManagerError, type HelloResult, type ManagedMount, type WireDescriptor } from './fuse-protocol.js';
+import { buildIdentity } from './version.js';
 import { configDiffIds, downloadLayerBlob, LayerSetupError, Semaphore, unpackLayerFile } from './layers.js';
 import type { LayerModeRecord, MetadataStore, RemoteDetails, SnapshotRecord, Usage } from './metadata.js';
 import { safeSink, type LayerModeName, type MetricsSink } from './metrics-sink.js';
@@ -272,6 +282,7 @@ export class RemoteSnapshots {
   private client: FuseManagerClient | undefined;
   private instance: string | undefined;
   private managerPid: number | undefined;
+  private managerBuild: { hello: HelloResult; match: ManagerBuildMatch } | undefined;
   private connecting: Promise<FuseManagerClient> | undefined;
   private reconnectDelay = RECONNECT_MIN_MS;
   private reconnectTimer: NodeJS.Timeout | undefined;
@@ -303,6 +314,8 @@ export class RemoteSnapshots {
       try {
         await this.manager();
       } catch (err) {
+        // A manager this build cannot drive serves running containers: refuse to start rather than misdrive it.
+        if (err instanceof FuseManagerIncompatibleError) throw err;
         this.log.error('FUSE manager unavailable at start: lazy snapshots are not served until it can be started', { lazySnapshots: lazy, error: err });
         this.scheduleReconnect();
       }
@@ -329,6 +342,11 @@ export class RemoteSnapshots {
     return this.managerPid;
   }
 
+  /** The build of the FUSE manager in use and how it relates to this one (undefined before the first connection). */
+  get fuseManagerBuild(): { hello: HelloResult; match: ManagerBuildMatch } | undefined {
+    return this.managerBuild;
+  }
+
   // ---------------------------------------------------------------- the FUSE manager
 
   /** A connected client, connecting (and starting a manager, and reconciling) when needed. */
@@ -343,7 +361,30 @@ export class RemoteSnapshots {
       this.managerPid = r.hello.pid;
       r.client.onClose(() => this.onManagerLost(r.client));
       const how = r.started ? 'started' : before === undefined ? 'attached to the running one' : before === r.hello.instance ? 'reconnected' : 'attached to another one';
-      this.log.info(`FUSE manager: ${how}`, { pid: r.hello.pid, instance: r.hello.instance, startedAt: r.hello.startedAt, mounts: r.hello.mounts });
+      this.log.info(`FUSE manager: ${how}`, {
+        pid: r.hello.pid,
+        instance: r.hello.instance,
+        startedAt: r.hello.startedAt,
+        mounts: r.hello.mounts,
+        version: r.hello.version,
+        build: r.hello.build,
+        protocol: r.hello.protocol,
+        ...(r.replaced !== undefined ? { replacedPid: r.replaced.pid, replacedVersion: r.replaced.version, replacedBuild: r.replaced.build } : {}),
+      });
+      const ours = await buildIdentity();
+      this.managerBuild = { hello: r.hello, match: r.match };
+      if (r.match === 'compatible') {
+        this.log.warn(`the FUSE manager runs another build of soci-ts (${describeBuild(r.hello)}; this snapshotter: ${describeBuild(ours)}): reattached, it keeps serving its ${r.hello.mounts} mount(s); ${upgradeAdvice(r.hello.pid)}`, {
+          pid: r.hello.pid,
+          managerVersion: r.hello.version,
+          managerBuild: r.hello.build ?? null,
+          managerProtocol: r.hello.protocol,
+          version: ours.version,
+          build: ours.build,
+          protocol: ours.protocol,
+        });
+      }
+      this.sink?.fuseManagerInfo?.({ version: r.hello.version, build: r.hello.build ?? 'unknown', protocol: r.hello.protocol, current: r.match === 'same' });
       await this.reconcile(r.client);
       this.reconnectDelay = RECONNECT_MIN_MS;
       return r.client;
@@ -505,7 +546,8 @@ export class RemoteSnapshots {
     const reason = err instanceof Fallback ? err.reason : message(err);
     const level = err instanceof Fallback ? err.level : 'warn';
     log[level]('layer not served remotely: containerd applies it (fallback to the overlay path)', { image: req.imageRef, target: req.target, reason, ...(err instanceof Fallback ? {} : { error: err }) });
-    this.recordMode(s, req, 'fallback', reason, err instanceof Fallback ? err.code : 'registry-error', indexDigest);
+    // A root without space anywhere in the cause chain (a download, the metadata) says so.
+    this.recordMode(s, req, 'fallback', reason, isNoSpace(err) ? 'no-space' : err instanceof Fallback ? err.code : 'registry-error', indexDigest);
     return { committed: false, reason };
   }
 
@@ -635,9 +677,9 @@ export class RemoteSnapshots {
       try {
         mounted = await c.call('mount', { mountpoint, imageRef: req.imageRef, layer: wire(layer), ztoc: wire(ztoc), tag: s.key });
       } catch (err) {
-        const badZtoc = err instanceof FuseManagerError && err.kind === 'bad-ztoc';
-        const why = badZtoc ? 'the zTOC is unusable' : 'the FUSE manager cannot mount the layer';
-        throw new Fallback(`${why}: ${message(err)}`, 'warn', badZtoc ? 'bad-ztoc' : 'fuse-unavailable', { cause: err });
+        const kind = err instanceof FuseManagerError ? err.kind : undefined;
+        const why = kind === 'bad-ztoc' ? 'the zTOC is unusable' : kind === 'no-space' ? 'the root has no space for the layer' : 'the FUSE manager cannot mount the layer';
+        throw new Fallback(`${why}: ${message(err)}`, 'warn', kind === 'bad-ztoc' ? 'bad-ztoc' : kind === 'no-space' ? 'no-space' : 'fuse-unavailable', { cause: err });
       }
       const details: RemoteDetails = {
         imageRef: req.imageRef,

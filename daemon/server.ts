@@ -7,7 +7,7 @@
  *     address = "/run/soci-ts/soci-ts.sock"
  *
  * Errors go out with containerd's errdefs → gRPC mapping (NotFound, AlreadyExists,
- * FailedPrecondition, InvalidArgument, Unavailable, Unimplemented; anything else Unknown) and
+ * FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented; anything else Unknown) and
  * containerd-style messages.
  */
 import * as grpc from '@grpc/grpc-js';

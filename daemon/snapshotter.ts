@@ -29,7 +29,7 @@
  * the startup sweep remove it), never metadata without a directory.
  */
 import { access, lchown, lstat, mkdir, readdir, rename, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import type { Logger, RegistryClient } from '../fetcher/index.js';
 import { diskUsage } from './diskusage.js';
 import { alreadyExists, invalidArgument, SnapshotterError, wrapError } from './errdefs.js';
@@ -68,6 +68,30 @@ export interface CallContext {
 
 const TEMP_PREFIX = 'new-';
 
+/**
+ * mkdir -p: each missing directory made on its own, so that a failure is reported as it is
+ * (Node's recursive mkdir says ENOENT when the file system has no inode left).
+ */
+async function makeDirs(dir: string, mode: number): Promise<void> {
+  const missing: string[] = [];
+  for (let d = dir; ; d = dirname(d)) {
+    try {
+      await lstat(d);
+      break;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT' || dirname(d) === d) throw e;
+      missing.unshift(d);
+    }
+  }
+  for (const d of missing) {
+    try {
+      await mkdir(d, { mode });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+    }
+  }
+}
+
 export class Snapshotter {
   /** Directory names under snapshots/ that in-flight operations own: Cleanup leaves them. */
   private readonly inflight = new Set<string>();
@@ -85,9 +109,12 @@ export class Snapshotter {
 
   static async open(opts: SnapshotterOptions): Promise<Snapshotter> {
     const root = opts.root;
-    await mkdir(root, { recursive: true, mode: 0o700 });
-    await mkdir(join(root, 'snapshots'), { recursive: true, mode: 0o700 });
-    const metadata = MetadataStore.open(root);
+    try {
+      await makeDirs(join(root, 'snapshots'), 0o700);
+    } catch (e) {
+      throw wrapError(e, `cannot create the snapshotter root ${root}`);
+    }
+    const metadata = MetadataStore.open(root, { logger: opts.logger });
     let indexOff = false;
     try {
       await access('/sys/module/overlay/parameters/index');
@@ -108,7 +135,12 @@ export class Snapshotter {
         metrics: opts.remote.metrics,
       });
       // Before the sweep: mounts no snapshot owns are unmounted first, lost ones mounted again.
-      await s.remote.open();
+      try {
+        await s.remote.open();
+      } catch (e) {
+        await s.close();
+        throw e;
+      }
     }
     if (opts.sweepOnOpen ?? true) {
       try {
@@ -202,7 +234,12 @@ export class Snapshotter {
     } catch (e) {
       throw wrapError(e, 'failed to create snapshot');
     }
-    const id = this.metadata.reserveId();
+    let id: string;
+    try {
+      id = this.metadata.reserveId();
+    } catch (e) {
+      throw wrapError(e, 'failed to create snapshot');
+    }
     // Ids are never reused, so `new-<id>` is this call's alone; both names are marked before
     // they exist, so Cleanup never sees them unowned.
     const tempName = `${TEMP_PREFIX}${id}`;

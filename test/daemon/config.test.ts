@@ -18,6 +18,8 @@ docker_config = "/etc/soci-ts/docker.json"
 remote = false
 min_layer_size = "10MiB"
 fuse_manager_address = "/run/fm.sock"
+fuse_manager_log_max_size = "1MiB"
+fuse_manager_log_files = 0
 
 [blob]
 fetch_timeout = "1m"
@@ -48,6 +50,8 @@ enable = false
     remote: false,
     minLayerSize: 10 << 20,
     fuseManagerAddress: '/run/fm.sock',
+    fuseManagerLogMaxBytes: 1 << 20,
+    fuseManagerLogFiles: 0,
     fetchTimeoutMs: 60_000,
     backgroundFetch: false,
     backgroundRate: 1 << 20,
@@ -78,6 +82,8 @@ t.test('errors name the key and the file', async (t) => {
     ['[cache]\ndisk_size = "lots"\n', /^f\.toml: key "cache\.disk_size" must be a size .* \(got "lots"\)/],
     ['[cache]\ndisk_size = 0\n', /key "cache\.disk_size" must be a whole number of bytes, at least 1/],
     ['[snapshotter]\nremote = "yes"\n', /key "snapshotter\.remote" must be true or false \(got "yes"\)/],
+    ['[snapshotter]\nfuse_manager_log_files = 101\n', /key "snapshotter\.fuse_manager_log_files" must be a whole number from 0 to 100 \(got 101\)/],
+    ['[snapshotter]\nfuse_manager_log_max_size = "1KB"\n', /key "snapshotter\.fuse_manager_log_max_size" must be a whole number of bytes, at least 1024/],
     ['[blob]\nfetch_timeout = "soon"\n', /key "blob\.fetch_timeout" must be a duration/],
     ['[blob]\nfetch_timeout = 0\n', /key "blob\.fetch_timeout" must be a positive duration/],
     ['docker_config = "relative.json"\n', /key "docker_config" must be an absolute path or ""/],

@@ -452,7 +452,9 @@ t.test('restart: the snapshotter reattaches to the running FUSE manager, no remo
   t.equal(logLines(s2.d, 'FUSE manager: attached to the running one').length, 1, 'attached (log)');
   t.equal((await managerHello(managerSocket)).instance, before.instance, 'the same FUSE manager');
   t.same(await mountsUnder(root), fuseBefore, 'the same FUSE mount (mount id)');
-  t.same(await managerList(managerSocket), listBefore, 'the same mount in the FUSE manager (mounted at the same time)');
+  // Spans may become local meanwhile (the read-ahead of the last read may land after listBefore): the mount itself is compared.
+  const mountOnly = (l: Array<Record<string, unknown>>): unknown[] => l.map(({ localSpans: _l, complete: _c, ...rest }) => rest);
+  t.same(mountOnly(await managerList(managerSocket)), mountOnly(listBefore), 'the same mount in the FUSE manager (mounted at the same time)');
   t.same(await s2.c.mounts('container-1'), containerMounts, 'Mounts answers as before');
   t.equal((await s2.c.stat(chain[bigN]!)).labels[LABEL_REMOTE], 'remote snapshot', 'Stat works');
   await readChecked(t, rootfs, lazyFiles[0]!, 'after the restart');

@@ -31,6 +31,8 @@ export interface StartSnapshotterOptions {
   /** More arguments after `snapshotter`. */
   args?: readonly string[];
   startTimeoutMs?: number;
+  /** More environment variables (on top of this process's). */
+  env?: NodeJS.ProcessEnv;
 }
 
 export class SnapshotterDaemonError extends FixtureError {
@@ -88,7 +90,7 @@ export async function startSnapshotter(opts: StartSnapshotterOptions): Promise<S
   const flags = opts.configOnly === true ? [] : ['--root', root, '--address', address, '--log-level', opts.logLevel ?? 'debug'];
   const args = ['snapshotter', ...flags, ...(opts.args ?? [])];
   // As a user would run it: without the test runner's loaders.
-  const env = { ...process.env };
+  const env = { ...process.env, ...opts.env };
   delete env.NODE_OPTIONS;
   const child = spawn(SOCI_TS_BIN, args, { detached: true, env, stdio: ['ignore', 'ignore', 'pipe'] });
   let log = '';
