@@ -43,6 +43,11 @@ export class SpanReadError extends Error {
   }
 }
 
+/** Reads this far (bytes) past the previous one still count as moving forwards (tar headers, skipped files). */
+const READ_AHEAD_MAX_GAP = 1 << 20;
+/** Spans fetched ahead once a forward streak has read a span's worth. */
+const READ_AHEAD_STREAK_SPANS = 2;
+
 export interface SpanManagerOptions {
   layerDigest: string;
   index: LayerIndex;
@@ -101,6 +106,8 @@ export class SpanManager {
   /** Spans known to be local (on disk or inflated): for "does this layer still need the network". */
   private readonly local = new Set<number>();
   private lastReadEnd = -1;
+  /** How far the current run of forward reads has moved through the layer (see readAheadAfter). */
+  private streak = 0;
   private readonly failing = new Set<number>();
   private closed = false;
   /** `read` calls not yet answered (the background fetcher yields while there are any). */
@@ -188,8 +195,7 @@ export class SpanManager {
       const upTo = Math.min(span.uncompressedEnd, end) - span.uncompressedStart;
       pending.push(this.spanData(id, upTo));
     }
-    if (this.readAhead && offset === this.lastReadEnd && last + 1 < this.index.spans.length) this.prefetch(last + 1);
-    this.lastReadEnd = end;
+    if (this.readAhead) this.readAheadAfter(offset, end, last);
     let parts: Buffer[];
     try {
       parts = await this.withTimeout(Promise.all(pending), `bytes ${offset}+${end - offset}`);
@@ -214,6 +220,26 @@ export class SpanManager {
       pos += parts[i]!.copy(out, pos, from, to);
     }
     return out;
+  }
+
+  /**
+   * Read-ahead after a read of [offset, end) ending in span `last`. A read that continues the
+   * previous one (within a file) fetches the next span; a streak of reads moving forwards with
+   * small gaps (file after file in tar order: `find | xargs cat`, an image's start-up reading
+   * its libraries) fetches the next spans once it has read a span's worth, so that the fetch
+   * of what comes next overlaps the reading of what is here. A random read resets the streak.
+   */
+  private readAheadAfter(offset: number, end: number, last: number): void {
+    const gap = offset - this.lastReadEnd;
+    // The kernel's own read-ahead answers a little out of order: a short step back is still
+    // forwards. The streak is the distance moved, to the furthest byte read.
+    const forwards = this.lastReadEnd >= 0 && gap >= -READ_AHEAD_MAX_GAP && gap <= READ_AHEAD_MAX_GAP;
+    this.streak = forwards ? this.streak + Math.max(0, end - this.lastReadEnd) : end - offset;
+    this.lastReadEnd = forwards ? Math.max(this.lastReadEnd, end) : end;
+    let ahead = gap === 0 ? 1 : 0;
+    const span = this.index.spans[last]!;
+    if (forwards && this.streak >= span.uncompressedEnd - span.uncompressedStart) ahead = READ_AHEAD_STREAK_SPANS;
+    for (let id = last + 1; id <= last + ahead && id < this.index.spans.length; id++) this.prefetch(id);
   }
 
   /** Fetches (and inflates) a span in the background; errors are logged, not thrown. */

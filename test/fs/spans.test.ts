@@ -123,8 +123,38 @@ t.test('sequential reads fetch the next span ahead', async (t) => {
   for (let i = 0; i < 200 && m.state(31) !== 'inflated'; i++) await new Promise((r) => setTimeout(r, 5));
   t.equal(m.state(31), 'inflated', 'the next span is there before anyone reads it');
   const before = m.counters.fetches;
+  const aheadBefore = m.counters.readAheads;
   await m.read(index.spans[31]!.uncompressedStart, 100);
-  t.equal(m.counters.fetches, before, 'reading it fetches nothing');
+  t.equal(m.counters.fetches - before, m.counters.readAheads - aheadBefore, 'reading it fetches nothing (but the spans it reads ahead)');
+});
+
+t.test('reads moving forwards with gaps (file after file) fetch two spans ahead once a span is read; random reads none', async (t) => {
+  const m = manager();
+  const first = index.spans[10]!;
+  const spanLen = first.uncompressedEnd - first.uncompressedStart;
+  // 8 KiB reads every 12 KiB (a header and some padding between files): never contiguous.
+  let off = first.uncompressedStart;
+  while (off + 8192 < first.uncompressedEnd - 4 * 12288) {
+    await m.read(off, 8192);
+    off += 12288;
+  }
+  t.equal(m.counters.readAheads, 0, 'no read-ahead before a span’s worth has been read');
+  // A short step back (the kernel answering its own read-ahead out of order) keeps the streak.
+  await m.read(off - 24576, 4096);
+  for (let i = 0; i < 8 && m.counters.readAheads === 0; i++) {
+    await m.read(off, 8192);
+    off += 12288;
+  }
+  t.ok(off - first.uncompressedStart <= spanLen + 8 * 12288, 'the streak reached a span’s worth');
+  t.equal(m.counters.readAheads, 2, 'then the next two spans are fetched ahead');
+  for (let i = 0; i < 400 && (m.state(11) !== 'inflated' || m.state(12) !== 'inflated'); i++) await new Promise((r) => setTimeout(r, 5));
+  t.equal(m.state(11), 'inflated', 'span 11 is there before anyone reads it');
+  t.equal(m.state(12), 'inflated', 'and span 12');
+
+  const r = manager();
+  for (const id of [40, 5, 33, 18, 2, 27]) await r.read(index.spans[id]!.uncompressedStart + 1000, 8192);
+  t.equal(r.counters.readAheads, 0, 'random reads fetch nothing ahead');
+  t.equal(r.counters.fetches, 6, 'only the spans read');
 });
 
 t.test('a registry that stalls: typed error after the timeout, then recovery', async (t) => {
