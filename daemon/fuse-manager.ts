@@ -152,6 +152,8 @@ export class FuseManager {
     const logger = opts.logger;
     const sink = safeSink(opts.metrics, (err) => logger.warn('metrics sink failed', { error: err }));
     await prepareSocketPath(opts.socket);
+    // Hashing the modules for the build id takes a while: alongside opening the cache.
+    const identityP = buildIdentity();
     const disk = await CompressedSpanStore.open({ dir: `${opts.root}/cache/spans`, maxBytes: opts.diskCacheBytes, logger });
     const memory = new InflatedSpanCache({ maxBytes: opts.memoryCacheBytes });
     const bg = opts.background ?? {};
@@ -163,7 +165,7 @@ export class FuseManager {
       onLayerComplete: (st) => sink?.layerComplete(st.layerDigest),
     });
     const server = createServer();
-    const identity = await buildIdentity();
+    const identity = await identityP;
     const self = new FuseManager(opts, server, disk, memory, background, sink, identity);
     server.on('connection', (s) => self.serve(s));
     await new Promise<void>((resolve, reject) => {

@@ -301,6 +301,8 @@ export class RemoteSnapshots {
    * reached is logged, and tried again on the next request.
    */
   async open(): Promise<void> {
+    // The build id (a hash of the modules) is needed at the first connection to a manager.
+    void buildIdentity().catch(() => undefined);
     await rm(join(this.deps.root, 'downloads'), { recursive: true, force: true }).catch(() => undefined);
     const lazy = this.deps.metadata.lazySnapshots().length;
     const running = await FuseManagerClient.connect(this.deps.settings.manager.socket, 2000).then(
@@ -507,9 +509,6 @@ export class RemoteSnapshots {
    */
   async prepare(s: PreparingSnapshot, req: RemoteRequest): Promise<PrepareOutcome> {
     const log = this.log.child({ key: s.key, layer: req.layerDigest });
-    // Start the FUSE manager while discovery runs (a new process takes a few hundred ms); a
-    // failure here is reported by the mount that needs it.
-    if (!this.closed && (this.client === undefined || this.client.closed)) this.manager().catch(() => undefined);
     let info: ImageInfo;
     let layer: Descriptor;
     try {
@@ -525,6 +524,9 @@ export class RemoteSnapshots {
       return this.fallback(s, req, undefined, err, log);
     }
     const index = info.index;
+    // The image has an index: start the FUSE manager now (a new process takes a few hundred
+    // ms), while this layer unpacks or the zTOCs download; the mount that needs it reports a failure.
+    if (!this.closed && (this.client === undefined || this.client.closed)) this.manager().catch(() => undefined);
     this.prefetchLocalLayers(info, req);
     this.prefetchZtocs(info, req);
     const ztoc = index.ztocFor(layer.digest);

@@ -94,7 +94,10 @@ export interface LayerFsCounters {
 class LayerFuse extends Fuse {
   protected override _fuseOptions(): string {
     const base = super._fuseOptions();
-    return base === '' ? '-ouse_ino,ro' : `${base},use_ino,ro`;
+    // The tree never changes: the kernel may also remember names that are not there (overlayfs
+    // looks each name up in every lower layer above the one that has it).
+    const ours = `use_ino,ro,negative_timeout=${CACHE_TIMEOUT_S}`;
+    return base === '' ? `-o${ours}` : `${base},${ours}`;
   }
 
   // fuse-native copies a value into the kernel's buffer without checking its size; libfuse would
