@@ -16,6 +16,10 @@ interface Flags {
   hostsDir: string;
   dockerConfig?: string;
   fetchTimeout: number;
+  maxRetries: number;
+  connectTimeout: number;
+  responseTimeout: number;
+  connectionsPerHost: number;
   memoryCache?: number;
   diskCache?: number;
   background: boolean;
@@ -33,6 +37,18 @@ const files = (v: string): number => {
   return n;
 };
 
+const retries = (v: string): number => {
+  const n = Number(v);
+  if (!/^\d+$/.test(v.trim()) || n > 20) throw new InvalidArgumentError(`"${v}" is not a number of retries from 0 to 20`);
+  return n;
+};
+
+const connections = (v: string): number => {
+  const n = Number(v);
+  if (!/^\d+$/.test(v.trim()) || n < 1 || n > 256) throw new InvalidArgumentError(`"${v}" is not a number of connections from 1 to 256`);
+  return n;
+};
+
 const ms = (v: string): number => {
   const n = Number(v);
   if (!Number.isSafeInteger(n) || n < 0) throw new InvalidArgumentError(`"${v}" is not a number of milliseconds`);
@@ -47,6 +63,10 @@ export function fuseManagerCommand(): Command {
     .addOption(new Option('--hosts-dir <dir>', 'containerd certs.d directory').default('/etc/containerd/certs.d'))
     .option('--docker-config <file>', 'docker config.json with auths and credential helpers (default: $DOCKER_CONFIG or ~/.docker)')
     .addOption(new Option('--fetch-timeout <ms>', 'a read waiting longer for the registry gets EIO').argParser(ms).default(30_000))
+    .addOption(new Option('--max-retries <n>', 'retries of a failed registry request').argParser(retries).default(4))
+    .addOption(new Option('--connect-timeout <ms>', 'TCP + TLS connect to a registry').argParser(ms).default(10_000))
+    .addOption(new Option('--response-timeout <ms>', 'to the response headers, and the longest silence in a body').argParser(ms).default(30_000))
+    .addOption(new Option('--connections-per-host <n>', 'parallel connections per registry host').argParser(connections).default(8))
     .addOption(new Option('--memory-cache <size>', 'bound of the inflated-span memory cache').argParser(parseSize))
     .addOption(new Option('--disk-cache <size>', 'bound of the compressed-span disk cache').argParser(parseSize))
     .option('--no-background', 'do not fetch the rest of the layers in the background')
@@ -67,6 +87,9 @@ export function fuseManagerCommand(): Command {
       const client = new RegistryClient({
         hostsDir: f.hostsDir,
         credentials: f.dockerConfig !== undefined ? { configPath: f.dockerConfig } : {},
+        retry: { attempts: f.maxRetries + 1 },
+        timeouts: { connectMs: f.connectTimeout, firstByteMs: f.responseTimeout, idleMs: f.responseTimeout },
+        connectionsPerHost: f.connectionsPerHost,
         logger,
         onRetry: (e) => metrics.retry(e.operation, e.cause),
       });

@@ -64,6 +64,7 @@ Metrics of both processes are served together at GET /metrics on the metrics add
       const client = new RegistryClient({
         hostsDir: config.hostsDir,
         credentials: config.dockerConfig !== '' ? { configPath: config.dockerConfig } : {},
+        ...registryTuning(config),
         logger,
         onRetry: (e) => metrics.retry(e.operation, e.cause),
       });
@@ -99,6 +100,19 @@ Metrics of both processes are served together at GET /metrics on the metrics add
     });
 }
 
+/** The `[blob]` registry settings as RegistryClient options (the FUSE manager gets the same by flags). */
+export function registryTuning(c: Pick<SnapshotterConfig, 'maxRetries' | 'connectTimeoutMs' | 'responseTimeoutMs' | 'maxConnectionsPerHost'>): {
+  retry: { attempts: number };
+  timeouts: { connectMs: number; firstByteMs: number; idleMs: number };
+  connectionsPerHost: number;
+} {
+  return {
+    retry: { attempts: c.maxRetries + 1 },
+    timeouts: { connectMs: c.connectTimeoutMs, firstByteMs: c.responseTimeoutMs, idleMs: c.responseTimeoutMs },
+    connectionsPerHost: c.maxConnectionsPerHost,
+  };
+}
+
 /** Remote snapshots as the config asks (undefined when `snapshotter.remote = false`). */
 export function remoteOptions(config: SnapshotterConfig, client: RegistryClient, metrics?: MetricsSink): SnapshotterOptions['remote'] {
   if (!config.remote) return undefined;
@@ -113,6 +127,14 @@ export function remoteOptions(config: SnapshotterConfig, client: RegistryClient,
     ...(config.dockerConfig !== '' ? ['--docker-config', config.dockerConfig] : []),
     '--fetch-timeout',
     String(config.fetchTimeoutMs),
+    '--max-retries',
+    String(config.maxRetries),
+    '--connect-timeout',
+    String(config.connectTimeoutMs),
+    '--response-timeout',
+    String(config.responseTimeoutMs),
+    '--connections-per-host',
+    String(config.maxConnectionsPerHost),
     '--memory-cache',
     String(config.memoryCacheBytes),
     '--disk-cache',

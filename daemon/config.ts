@@ -17,6 +17,10 @@
  *
  *   [blob]
  *   fetch_timeout = "30s"                    # a read of a lazy layer waiting longer for the registry fails with EIO
+ *   max_retries = 4                          # a failed registry request (reset, timeout, 5xx, 429) is tried again this often, with backoff
+ *   connect_timeout = "10s"                  # TCP + TLS connect to a registry
+ *   response_timeout = "30s"                 # to the response headers, and the longest silence in a body
+ *   max_connections_per_host = 8             # parallel connections (so parallel range reads) per registry host
  *
  *   [background_fetch]
  *   enabled = true                           # fetch the rest of each lazy layer into the disk cache after a quiet period
@@ -65,6 +69,11 @@ export interface SnapshotterConfig {
   fuseManagerLogMaxBytes: number;
   fuseManagerLogFiles: number;
   fetchTimeoutMs: number;
+  /** Retries of a failed registry request (attempts = 1 + this). */
+  maxRetries: number;
+  connectTimeoutMs: number;
+  responseTimeoutMs: number;
+  maxConnectionsPerHost: number;
   backgroundFetch: boolean;
   backgroundRate: number;
   backgroundStartDelayMs: number;
@@ -90,6 +99,10 @@ export const DEFAULT_CONFIG: Readonly<SnapshotterConfig> = Object.freeze({
   fuseManagerLogMaxBytes: DEFAULT_LOG_MAX_BYTES,
   fuseManagerLogFiles: DEFAULT_LOG_FILES,
   fetchTimeoutMs: 30_000,
+  maxRetries: 4,
+  connectTimeoutMs: 10_000,
+  responseTimeoutMs: 30_000,
+  maxConnectionsPerHost: 8,
   backgroundFetch: true,
   backgroundRate: 32 << 20,
   backgroundStartDelayMs: 10_000,
@@ -206,6 +219,10 @@ const KEYS: Record<string, { field: keyof SnapshotterConfig; convert: Converter 
   'snapshotter.fuse_manager_log_max_size': { field: 'fuseManagerLogMaxBytes', convert: size(1024) },
   'snapshotter.fuse_manager_log_files': { field: 'fuseManagerLogFiles', convert: count(0, 100) },
   'blob.fetch_timeout': { field: 'fetchTimeoutMs', convert: positiveDuration },
+  'blob.max_retries': { field: 'maxRetries', convert: count(0, 20) },
+  'blob.connect_timeout': { field: 'connectTimeoutMs', convert: positiveDuration },
+  'blob.response_timeout': { field: 'responseTimeoutMs', convert: positiveDuration },
+  'blob.max_connections_per_host': { field: 'maxConnectionsPerHost', convert: count(1, 256) },
   'background_fetch.enabled': { field: 'backgroundFetch', convert: boolean },
   'background_fetch.rate': { field: 'backgroundRate', convert: size(1) },
   'background_fetch.start_delay': { field: 'backgroundStartDelayMs', convert: duration },

@@ -23,6 +23,10 @@ fuse_manager_log_files = 0
 
 [blob]
 fetch_timeout = "1m"
+max_retries = 0
+connect_timeout = "2s"
+response_timeout = "45s"
+max_connections_per_host = 16
 
 [background_fetch]
 enabled = false
@@ -53,6 +57,10 @@ enable = false
     fuseManagerLogMaxBytes: 1 << 20,
     fuseManagerLogFiles: 0,
     fetchTimeoutMs: 60_000,
+    maxRetries: 0,
+    connectTimeoutMs: 2000,
+    responseTimeoutMs: 45_000,
+    maxConnectionsPerHost: 16,
     backgroundFetch: false,
     backgroundRate: 1 << 20,
     backgroundStartDelayMs: 500,
@@ -86,6 +94,9 @@ t.test('errors name the key and the file', async (t) => {
     ['[snapshotter]\nfuse_manager_log_max_size = "1KB"\n', /key "snapshotter\.fuse_manager_log_max_size" must be a whole number of bytes, at least 1024/],
     ['[blob]\nfetch_timeout = "soon"\n', /key "blob\.fetch_timeout" must be a duration/],
     ['[blob]\nfetch_timeout = 0\n', /key "blob\.fetch_timeout" must be a positive duration/],
+    ['[blob]\nmax_retries = 21\n', /key "blob\.max_retries" must be a whole number from 0 to 20 \(got 21\)/],
+    ['[blob]\nmax_connections_per_host = 0\n', /key "blob\.max_connections_per_host" must be a whole number from 1 to 256 \(got 0\)/],
+    ['[blob]\nconnect_timeout = "never"\n', /key "blob\.connect_timeout" must be a duration/],
     ['docker_config = "relative.json"\n', /key "docker_config" must be an absolute path or ""/],
     ['root = 5\n', /key "root" must be a string \(got 5\)/],
     ['[background_fetch\n', /^f\.toml: not valid TOML \(line 1/],
