@@ -254,7 +254,7 @@ function versionCommand(): Command {
  * The program with the commands `argv` needs: only the named command's group when the first
  * argument names one, else every command (top-level help, `help CMD`, a typo to report).
  */
-export async function buildProgram(argv: readonly string[] = []): Promise<{ program: Command; isUserError: (err: unknown) => boolean }> {
+export async function buildProgram(argv: readonly string[] = []): Promise<{ program: Command }> {
   const program = new Command('soci-ts')
     .description('Lazy-loading container images with Seekable OCI (SOCI) indexes')
     .version(VERSION)
@@ -266,23 +266,30 @@ export async function buildProgram(argv: readonly string[] = []): Promise<{ prog
   const first = argv[2];
   const named = COMMAND_GROUPS.find((g) => first !== undefined && g.names.includes(first));
   const groups = await Promise.all((named !== undefined ? [named] : COMMAND_GROUPS).map((g) => g.load()));
-  const checks: Array<(err: unknown) => boolean> = [];
-  for (const g of groups) {
-    for (const c of g.commands) program.addCommand(c, g.hidden === true ? { hidden: true } : {});
-    if (g.isUserError !== undefined) checks.push(g.isUserError);
-  }
-  return { program, isUserError: (err) => checks.some((f) => f(err)) };
+  for (const g of groups) for (const c of g.commands) program.addCommand(c, g.hidden === true ? { hidden: true } : {});
+  return { program };
+}
+
+/**
+ * Whether any command group calls this error the user's (a command may fail with another
+ * group's errors: rpull with the fetcher's, explain with the config's). Only on the error path,
+ * so every group's module is loaded here rather than at start-up.
+ */
+async function isCommandUserError(err: unknown): Promise<boolean> {
+  const groups = await Promise.all(COMMAND_GROUPS.map((g) => g.load().catch(() => undefined)));
+  return groups.some((g) => g?.isUserError?.(err) === true);
 }
 
 /** Is this error the user's to fix (bad input, missing file) rather than ours? */
-function isUserError(err: unknown, commandErrors: (err: unknown) => boolean): boolean {
-  if (err instanceof UsageError || err instanceof ZtocError || commandErrors(err)) return true;
+async function isUserError(err: unknown): Promise<boolean> {
+  if (err instanceof UsageError || err instanceof ZtocError) return true;
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
-  return code === 'ENOENT' || code === 'EACCES' || code === 'EISDIR' || code === 'ENOTDIR' || code === 'EPERM';
+  if (code === 'ENOENT' || code === 'EACCES' || code === 'EISDIR' || code === 'ENOTDIR' || code === 'EPERM') return true;
+  return isCommandUserError(err);
 }
 
 export async function main(argv: string[]): Promise<number> {
-  const { program, isUserError: commandErrors } = await buildProgram(argv);
+  const { program } = await buildProgram(argv);
   program.exitOverride();
   program.configureOutput({ writeErr: (s) => process.stderr.write(s) });
   for (const cmd of program.commands) {
@@ -303,7 +310,7 @@ export async function main(argv: string[]): Promise<number> {
       process.stderr.write(`soci-ts: ${err.message}\n`);
       return err.exitCode;
     }
-    if (isUserError(err, commandErrors)) {
+    if (await isUserError(err)) {
       process.stderr.write(`soci-ts: ${(err as Error).message}\n`);
       return 1;
     }
