@@ -324,7 +324,9 @@ t.test('concurrent puts, gets, deletes and evictions keep the index equal to the
     ops.push(op());
   }
   await Promise.all(ops);
-  t.ok(served > 50, `${served} gets were served`);
+  // How many gets find their span depends on the timing of the puts and evictions around them
+  // (45–120 seen): some must, or the gets checked nothing.
+  t.ok(served > 10, `${served} gets were served`);
   t.ok(store.bytes <= 2 * MiB, `total ${store.bytes} within the bound`);
   t.ok(store.stats().evictions > 0, `${store.stats().evictions} evictions happened`);
   t.comment(JSON.stringify(store.stats()));
