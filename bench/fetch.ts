@@ -16,17 +16,19 @@
  * SOCI_TS_BENCH_RANGE_SECONDS (time per range configuration and side, default 3),
  * SOCI_TS_BENCH_RUNS (runs of each full-blob and create measurement, default 5).
  */
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcessByStdio } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { cpus, loadavg, tmpdir, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
+import { createInterface } from 'node:readline';
+import type { Readable, Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { Agent, request } from 'undici';
 import { RegistryClient, type Descriptor } from '../fetcher/index.js';
 import { buildImage, pushImage, type ImageSpec } from '../test/helpers/images.js';
 import { startRegistry } from '../test/helpers/registry.js';
+import type { RunAnswer } from './exec-runner.js';
 
 const benchDir = process.env.SOCI_TS_BENCH_DIR ?? '/var/tmp/soci-ts-bench';
 const rangeSeconds = Number(process.env.SOCI_TS_BENCH_RANGE_SECONDS ?? 3);
@@ -143,20 +145,54 @@ async function inProcess(row: Row, f: () => Promise<void>): Promise<void> {
   row.faults += process.resourceUsage().minorPageFault - r0.minorPageFault;
 }
 
-const CLK_TCK = 100; // USER_HZ: the unit of /proc/<pid>/stat times on Linux
+/**
+ * The bench's child processes (from the warm-up on) run from exec-runner.js, so that this
+ * process does not fork between its own timed runs (see there: a fork makes the heap
+ * copy-on-write, and the next in-process download would pay thousands of page faults for it).
+ */
+class ExecRunner {
+  private readonly child: ChildProcessByStdio<Writable, Readable, null>;
+  private readonly waiting = new Map<number, (a: RunAnswer) => void>();
+  private nextId = 0;
+  private failed: Error | undefined;
 
-/** CPU time of this process's children that have exited and been reaped (cutime + cstime). */
-function childrenCpuMs(): number {
-  const stat = readFileSync('/proc/self/stat', 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // fields[0] is field 3 (state)
-  return ((Number(fields[13]) + Number(fields[14])) * 1000) / CLK_TCK;
+  constructor() {
+    this.child = spawn(process.execPath, [fileURLToPath(new URL('./exec-runner.js', import.meta.url))], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const lines = createInterface({ input: this.child.stdout });
+    lines.on('line', (line) => {
+      const a = JSON.parse(line) as RunAnswer;
+      this.waiting.get(a.id)?.(a);
+      this.waiting.delete(a.id);
+    });
+    this.child.on('exit', (code) => {
+      this.failed = new Error(`exec-runner exited (code ${code})`);
+      for (const w of this.waiting.values()) w({ id: -1, ms: NaN, cpuMs: NaN, code: null, stderr: this.failed.message });
+      this.waiting.clear();
+    });
+  }
+
+  /** Runs `cmd args` in the runner: its wall time and CPU time; throws unless it exits 0. */
+  async run(cmd: string, args: readonly string[]): Promise<{ ms: number; cpuMs: number }> {
+    if (this.failed !== undefined) throw this.failed;
+    const id = this.nextId++;
+    const answer = await new Promise<RunAnswer>((resolve) => {
+      this.waiting.set(id, resolve);
+      this.child.stdin.write(`${JSON.stringify({ id, cmd, args })}\n`);
+    });
+    if (answer.code !== 0) throw new Error(`${cmd} ${args.join(' ')}: exit ${answer.code}: ${answer.stderr}`);
+    return answer;
+  }
+
+  close(): void {
+    this.child.stdin.end();
+  }
 }
 
-/** Runs child processes through `f`: wall time and their CPU (10 ms resolution, summed over runs). */
-async function children(row: Row, f: () => Promise<void>): Promise<void> {
-  const c0 = childrenCpuMs();
-  row.ms.push(await timed(f));
-  row.cpuMs += childrenCpuMs() - c0;
+/** A child-process run through `runner`: its wall time and CPU (10 ms resolution, summed over runs). */
+async function children(row: Row, runner: ExecRunner, cmd: string, args: readonly string[]): Promise<void> {
+  const r = await runner.run(cmd, args);
+  row.ms.push(r.ms);
+  row.cpuMs += r.cpuMs;
 }
 
 function summary(l: Load): RangeResult {
@@ -173,6 +209,7 @@ async function main(): Promise<void> {
   const work = await mkdtemp(join(tmpdir(), 'soci-ts-bench-fetch-'));
   const client = new RegistryClient({ hostsDir: '', credentials: { configPath: join(work, 'no-docker-config.json'), env: {} } });
   const bare = new Agent({ connections: client.transport.connectionsPerHost, pipelining: 1, keepAliveTimeout: 30_000 });
+  let runner: ExecRunner | undefined;
   try {
     process.stderr.write('bench: pushing it to a loopback registry (skopeo)\n');
     const pushed = await pushImage(image.layoutDir, image.tag, reg, 'bench/img');
@@ -185,8 +222,10 @@ async function main(): Promise<void> {
     out(`image: ${layers.length} layers, ${(totalLayers / 1e6).toFixed(1)} MB compressed; range and full-blob reads on a ${(big.size / 1e6).toFixed(1)} MB layer blob`);
     out(`registry: docker-registry on ${reg.host}; client: ${client.transport.connectionsPerHost} connections per host (the default)`);
 
+    // Child processes run from here on (see ExecRunner), so that this process forks no more.
+    runner = new ExecRunner();
     // Warm up: connections, the scheme probe, the registry's page cache for the blob.
-    await exec('curl', ['-s', '-o', '/dev/null', blobUrl]);
+    await runner.run('curl', ['-s', '-o', '/dev/null', blobUrl]);
     await repo.readRange(desc, 0, 4096);
 
     // ---------------------------------------------------------------- range reads
@@ -232,6 +271,9 @@ async function main(): Promise<void> {
       undiciSha: newRow('(bare undici GET + sha256, same thread)'),
       curlSha: newRow('(curl -s | sha256sum, for reference)'),
     };
+    // One untimed download first (the range reads left other buffers in the heap).
+    await runner.run('curl', ['-s', '-o', '/dev/null', blobUrl]);
+    for await (const chunk of repo.blobStream(desc)) void chunk;
     const loadBefore = loadavg()[0]!;
     for (let i = 0; i < runs; i++) {
       // Only for reference: what the HTTP client under the fetcher reaches with no work per chunk,
@@ -240,7 +282,7 @@ async function main(): Promise<void> {
         const res = await request(blobUrl, { dispatcher: bare });
         for await (const chunk of res.body as AsyncIterable<Buffer>) void chunk;
       });
-      await children(rows.curl, () => exec('curl', ['-s', '-o', '/dev/null', blobUrl]));
+      await children(rows.curl, runner, 'curl', ['-s', '-o', '/dev/null', blobUrl]);
       await inProcess(rows.undiciSha, async () => {
         const hash = createHash('sha256');
         const res = await request(blobUrl, { dispatcher: bare });
@@ -248,7 +290,7 @@ async function main(): Promise<void> {
         if (`sha256:${hash.digest('hex')}` !== desc.digest) throw new Error('bare undici GET: digest mismatch');
       });
       // Only for reference: the same download with its digest checked, as blobStream does.
-      await children(rows.curlSha, () => exec('sh', ['-c', 'curl -s "$1" | sha256sum > /dev/null', 'sh', blobUrl]));
+      await children(rows.curlSha, runner, 'sh', ['-c', 'curl -s "$1" | sha256sum > /dev/null', 'sh', blobUrl]);
       await inProcess(rows.ours, async () => {
         let n = 0;
         for await (const chunk of repo.blobStream(desc)) n += chunk.length;
@@ -289,6 +331,7 @@ async function main(): Promise<void> {
     out();
     out(`bench took ${((performance.now() - started) / 1000).toFixed(0)} s`);
   } finally {
+    runner?.close();
     await bare.close().catch(() => undefined);
     await client.close();
     await reg.stop();
