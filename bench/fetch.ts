@@ -6,7 +6,9 @@
  *   64 KiB, 1 MiB and 4 MiB at concurrency 1, 8 and 32: throughput and p50/p99 latency, next to
  *   bare undici requests of the same ranges (same connection limit, no auth, checks or copies);
  * - a full-blob GET through `Repository.blobStream` (digest checked) against
- *   `curl -s -o /dev/null` of the same blob URL (median of a few runs each);
+ *   `curl -s -o /dev/null` of the same blob URL (median of a few interleaved runs each), with
+ *   the CPU time per GB of each side (less sensitive to other load on the machine than wall
+ *   time), and for reference bare undici GETs without and with a sha256 of the body;
  * - `soci-ts create` of a ~300 MB image (three layers of real files from /usr) against
  *   `skopeo copy docker://… dir:…` of the same image.
  *
@@ -14,15 +16,19 @@
  * SOCI_TS_BENCH_RANGE_SECONDS (time per range configuration and side, default 3),
  * SOCI_TS_BENCH_RUNS (runs of each full-blob and create measurement, default 5).
  */
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcessByStdio } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { cpus, tmpdir, totalmem } from 'node:os';
+import { cpus, loadavg, tmpdir, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
+import { createInterface } from 'node:readline';
+import type { Readable, Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { Agent, request } from 'undici';
 import { RegistryClient, type Descriptor } from '../fetcher/index.js';
 import { buildImage, pushImage, type ImageSpec } from '../test/helpers/images.js';
 import { startRegistry } from '../test/helpers/registry.js';
+import type { RunAnswer } from './exec-runner.js';
 
 const benchDir = process.env.SOCI_TS_BENCH_DIR ?? '/var/tmp/soci-ts-bench';
 const rangeSeconds = Number(process.env.SOCI_TS_BENCH_RANGE_SECONDS ?? 3);
@@ -117,6 +123,78 @@ async function rangeLoad(into: Load, seconds: number, concurrency: number, lengt
   into.ms += performance.now() - t0;
 }
 
+/** One row of the full-blob comparison: wall time per run, CPU and page faults summed over runs. */
+interface Row {
+  label: string;
+  ms: number[];
+  cpuMs: number;
+  faults: number;
+}
+
+function newRow(label: string): Row {
+  return { label, ms: [], cpuMs: 0, faults: 0 };
+}
+
+/** Runs `f` in this process: wall time, this process's CPU (all threads) and minor page faults. */
+async function inProcess(row: Row, f: () => Promise<void>): Promise<void> {
+  const r0 = process.resourceUsage();
+  const c0 = process.cpuUsage();
+  row.ms.push(await timed(f));
+  const c = process.cpuUsage(c0);
+  row.cpuMs += (c.user + c.system) / 1000;
+  row.faults += process.resourceUsage().minorPageFault - r0.minorPageFault;
+}
+
+/**
+ * The bench's child processes (from the warm-up on) run from exec-runner.js, so that this
+ * process does not fork between its own timed runs (see there: a fork makes the heap
+ * copy-on-write, and the next in-process download would pay thousands of page faults for it).
+ */
+class ExecRunner {
+  private readonly child: ChildProcessByStdio<Writable, Readable, null>;
+  private readonly waiting = new Map<number, (a: RunAnswer) => void>();
+  private nextId = 0;
+  private failed: Error | undefined;
+
+  constructor() {
+    this.child = spawn(process.execPath, [fileURLToPath(new URL('./exec-runner.js', import.meta.url))], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const lines = createInterface({ input: this.child.stdout });
+    lines.on('line', (line) => {
+      const a = JSON.parse(line) as RunAnswer;
+      this.waiting.get(a.id)?.(a);
+      this.waiting.delete(a.id);
+    });
+    this.child.on('exit', (code) => {
+      this.failed = new Error(`exec-runner exited (code ${code})`);
+      for (const w of this.waiting.values()) w({ id: -1, ms: NaN, cpuMs: NaN, code: null, stderr: this.failed.message });
+      this.waiting.clear();
+    });
+  }
+
+  /** Runs `cmd args` in the runner: its wall time and CPU time; throws unless it exits 0. */
+  async run(cmd: string, args: readonly string[]): Promise<{ ms: number; cpuMs: number }> {
+    if (this.failed !== undefined) throw this.failed;
+    const id = this.nextId++;
+    const answer = await new Promise<RunAnswer>((resolve) => {
+      this.waiting.set(id, resolve);
+      this.child.stdin.write(`${JSON.stringify({ id, cmd, args })}\n`);
+    });
+    if (answer.code !== 0) throw new Error(`${cmd} ${args.join(' ')}: exit ${answer.code}: ${answer.stderr}`);
+    return answer;
+  }
+
+  close(): void {
+    this.child.stdin.end();
+  }
+}
+
+/** A child-process run through `runner`: its wall time and CPU (10 ms resolution, summed over runs). */
+async function children(row: Row, runner: ExecRunner, cmd: string, args: readonly string[]): Promise<void> {
+  const r = await runner.run(cmd, args);
+  row.ms.push(r.ms);
+  row.cpuMs += r.cpuMs;
+}
+
 function summary(l: Load): RangeResult {
   const lat = [...l.lat].sort((a, b) => a - b);
   return { mbps: l.bytes / 1e6 / (l.ms / 1000), p50: percentile(lat, 50), p99: percentile(lat, 99), n: lat.length };
@@ -131,6 +209,7 @@ async function main(): Promise<void> {
   const work = await mkdtemp(join(tmpdir(), 'soci-ts-bench-fetch-'));
   const client = new RegistryClient({ hostsDir: '', credentials: { configPath: join(work, 'no-docker-config.json'), env: {} } });
   const bare = new Agent({ connections: client.transport.connectionsPerHost, pipelining: 1, keepAliveTimeout: 30_000 });
+  let runner: ExecRunner | undefined;
   try {
     process.stderr.write('bench: pushing it to a loopback registry (skopeo)\n');
     const pushed = await pushImage(image.layoutDir, image.tag, reg, 'bench/img');
@@ -143,8 +222,10 @@ async function main(): Promise<void> {
     out(`image: ${layers.length} layers, ${(totalLayers / 1e6).toFixed(1)} MB compressed; range and full-blob reads on a ${(big.size / 1e6).toFixed(1)} MB layer blob`);
     out(`registry: docker-registry on ${reg.host}; client: ${client.transport.connectionsPerHost} connections per host (the default)`);
 
+    // Child processes run from here on (see ExecRunner), so that this process forks no more.
+    runner = new ExecRunner();
     // Warm up: connections, the scheme probe, the registry's page cache for the blob.
-    await exec('curl', ['-s', '-o', '/dev/null', blobUrl]);
+    await runner.run('curl', ['-s', '-o', '/dev/null', blobUrl]);
     await repo.readRange(desc, 0, 4096);
 
     // ---------------------------------------------------------------- range reads
@@ -182,39 +263,52 @@ async function main(): Promise<void> {
 
     // ---------------------------------------------------------------- full blob
     out();
-    out(`full-blob GET of the ${(big.size / 1e6).toFixed(1)} MB layer, median of ${runs} runs each (interleaved)`);
-    const oursMs: number[] = [];
-    const curlMs: number[] = [];
-    const curlShaMs: number[] = [];
-    const undiciMs: number[] = [];
+    out(`full-blob GET of the ${(big.size / 1e6).toFixed(1)} MB layer, median of ${runs} runs each (interleaved); cpu: user+sys per GB over all runs (this process's threads, or the child processes)`);
+    const rows = {
+      ours: newRow('soci-ts blobStream (sha256 checked)'),
+      curl: newRow('curl -s -o /dev/null (baseline)'),
+      undici: newRow('(bare undici GET, body discarded)'),
+      undiciSha: newRow('(bare undici GET + sha256, same thread)'),
+      curlSha: newRow('(curl -s | sha256sum, for reference)'),
+    };
+    // One untimed download first (the range reads left other buffers in the heap).
+    await runner.run('curl', ['-s', '-o', '/dev/null', blobUrl]);
+    for await (const chunk of repo.blobStream(desc)) void chunk;
+    const loadBefore = loadavg()[0]!;
     for (let i = 0; i < runs; i++) {
-      // Only for reference: what the HTTP client under the fetcher reaches with no work per chunk.
-      undiciMs.push(
-        await timed(async () => {
-          const res = await request(blobUrl, { dispatcher: bare });
-          for await (const chunk of res.body as AsyncIterable<Buffer>) void chunk;
-        }),
-      );
-      curlMs.push(await timed(() => exec('curl', ['-s', '-o', '/dev/null', blobUrl])));
+      // Only for reference: what the HTTP client under the fetcher reaches with no work per chunk,
+      // and with only the digest computed per chunk (no resume, size or mapping logic).
+      await inProcess(rows.undici, async () => {
+        const res = await request(blobUrl, { dispatcher: bare });
+        for await (const chunk of res.body as AsyncIterable<Buffer>) void chunk;
+      });
+      await children(rows.curl, runner, 'curl', ['-s', '-o', '/dev/null', blobUrl]);
+      await inProcess(rows.undiciSha, async () => {
+        const hash = createHash('sha256');
+        const res = await request(blobUrl, { dispatcher: bare });
+        for await (const chunk of res.body as AsyncIterable<Buffer>) hash.update(chunk);
+        if (`sha256:${hash.digest('hex')}` !== desc.digest) throw new Error('bare undici GET: digest mismatch');
+      });
       // Only for reference: the same download with its digest checked, as blobStream does.
-      curlShaMs.push(await timed(() => exec('sh', ['-c', 'curl -s "$1" | sha256sum > /dev/null', 'sh', blobUrl])));
-      oursMs.push(
-        await timed(async () => {
-          let n = 0;
-          for await (const chunk of repo.blobStream(desc)) n += chunk.length;
-          if (n !== desc.size) throw new Error(`blobStream gave ${n} bytes`);
-        }),
-      );
+      await children(rows.curlSha, runner, 'sh', ['-c', 'curl -s "$1" | sha256sum > /dev/null', 'sh', blobUrl]);
+      await inProcess(rows.ours, async () => {
+        let n = 0;
+        for await (const chunk of repo.blobStream(desc)) n += chunk.length;
+        if (n !== desc.size) throw new Error(`blobStream gave ${n} bytes`);
+      });
     }
-    const oursRate = big.size / 1e6 / (median(oursMs) / 1000);
-    const curlRate = big.size / 1e6 / (median(curlMs) / 1000);
-    out(`${'soci-ts blobStream (sha256 checked)'.padEnd(40)} ${oursRate.toFixed(0).padStart(6)} MB/s  (runs: ${oursMs.map((x) => x.toFixed(0)).join(', ')} ms)`);
-    out(`${'curl -s -o /dev/null (baseline)'.padEnd(40)} ${curlRate.toFixed(0).padStart(6)} MB/s  (runs: ${curlMs.map((x) => x.toFixed(0)).join(', ')} ms)`);
-    out(`${'ratio (goal >= 0.9x)'.padEnd(40)} ${`${(oursRate / curlRate).toFixed(2)}x`.padStart(6)}`);
-    const undiciRate = big.size / 1e6 / (median(undiciMs) / 1000);
-    out(`${'(bare undici GET, body discarded)'.padEnd(40)} ${undiciRate.toFixed(0).padStart(6)} MB/s  (${(undiciRate / curlRate).toFixed(2)}x curl; runs: ${undiciMs.map((x) => x.toFixed(0)).join(', ')} ms)`);
-    const curlShaRate = big.size / 1e6 / (median(curlShaMs) / 1000);
-    out(`${'(curl -s | sha256sum, for reference)'.padEnd(40)} ${curlShaRate.toFixed(0).padStart(6)} MB/s  (runs: ${curlShaMs.map((x) => x.toFixed(0)).join(', ')} ms)`);
+    const rate = (r: Row): number => big.size / 1e6 / (median(r.ms) / 1000);
+    const cpu = (r: Row): string => `cpu ${(r.cpuMs / 1000 / ((big.size * r.ms.length) / 1e9)).toFixed(2)} s/GB`;
+    const line = (r: Row, extra = ''): boolean =>
+      out(`${r.label.padEnd(40)} ${rate(r).toFixed(0).padStart(6)} MB/s  ${cpu(r)}${extra}  (runs: ${r.ms.map((x) => x.toFixed(0)).join(', ')} ms)`);
+    const faults = (r: Row): string => `, ${Math.round(r.faults / r.ms.length)} page faults per run`;
+    line(rows.ours, faults(rows.ours));
+    line(rows.curl);
+    out(`${'ratio (goal >= 0.9x)'.padEnd(40)} ${`${(rate(rows.ours) / rate(rows.curl)).toFixed(2)}x`.padStart(6)}`);
+    line(rows.undici, `, ${(rate(rows.undici) / rate(rows.curl)).toFixed(2)}x curl${faults(rows.undici)}`);
+    line(rows.undiciSha, `, ${(rate(rows.undiciSha) / rate(rows.curl)).toFixed(2)}x curl${faults(rows.undiciSha)}`);
+    line(rows.curlSha);
+    out(`(1-minute load average ${loadBefore.toFixed(1)} before these runs, ${loadavg()[0]!.toFixed(1)} after, on ${cpus().length} cores)`);
 
     // ---------------------------------------------------------------- create vs skopeo copy
     out();
@@ -237,6 +331,7 @@ async function main(): Promise<void> {
     out();
     out(`bench took ${((performance.now() - started) / 1000).toFixed(0)} s`);
   } finally {
+    runner?.close();
     await bare.close().catch(() => undefined);
     await client.close();
     await reg.stop();
