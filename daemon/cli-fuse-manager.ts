@@ -4,7 +4,7 @@
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { jsonLogger, RegistryClient, type LogLevel } from '../fetcher/index.js';
-import { parseSize } from './cli-util.js';
+import { parseSize, registryTuning } from './cli-util.js';
 import { FuseManager } from './fuse-manager.js';
 import { DEFAULT_LOG_FILES, DEFAULT_LOG_MAX_BYTES, RotatingLogFile } from './log-file.js';
 import { createMetrics } from './metrics.js';
@@ -87,9 +87,7 @@ export function fuseManagerCommand(): Command {
       const client = new RegistryClient({
         hostsDir: f.hostsDir,
         credentials: f.dockerConfig !== undefined ? { configPath: f.dockerConfig } : {},
-        retry: { attempts: f.maxRetries + 1 },
-        timeouts: { connectMs: f.connectTimeout, firstByteMs: f.responseTimeout, idleMs: f.responseTimeout },
-        connectionsPerHost: f.connectionsPerHost,
+        ...registryTuning({ maxRetries: f.maxRetries, connectTimeoutMs: f.connectTimeout, responseTimeoutMs: f.responseTimeout, maxConnectionsPerHost: f.connectionsPerHost }),
         logger,
         onRetry: (e) => metrics.retry(e.operation, e.cause),
       });

@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { Command, Option } from 'commander';
 import { jsonLogger, RegistryClient, type LogLevel } from '../fetcher/index.js';
 import { ConfigError, DEFAULT_CONFIG, DEFAULT_CONFIG_PATH, readConfig, type SnapshotterConfig } from './config.js';
+import { registryTuning } from './cli-util.js';
 import { ArtifactStore } from './store.js';
 import { FuseManagerIncompatibleError } from './fuse-manager-client.js';
 import type { SnapshotterOptions } from './snapshotter.js';
@@ -98,19 +99,6 @@ Metrics of both processes are served together at GET /metrics on the metrics add
         process.on('SIGINT', onSignal);
       });
     });
-}
-
-/** The `[blob]` registry settings as RegistryClient options (the FUSE manager gets the same by flags). */
-export function registryTuning(c: Pick<SnapshotterConfig, 'maxRetries' | 'connectTimeoutMs' | 'responseTimeoutMs' | 'maxConnectionsPerHost'>): {
-  retry: { attempts: number };
-  timeouts: { connectMs: number; firstByteMs: number; idleMs: number };
-  connectionsPerHost: number;
-} {
-  return {
-    retry: { attempts: c.maxRetries + 1 },
-    timeouts: { connectMs: c.connectTimeoutMs, firstByteMs: c.responseTimeoutMs, idleMs: c.responseTimeoutMs },
-    connectionsPerHost: c.maxConnectionsPerHost,
-  };
 }
 
 /** Remote snapshots as the config asks (undefined when `snapshotter.remote = false`). */

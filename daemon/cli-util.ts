@@ -69,3 +69,24 @@ export function printTable(rows: string[][]): void {
   for (const r of rows) process.stdout.write(r.map((cell, c) => (c === r.length - 1 ? cell : cell.padEnd(widths[c]))).join('  ') + '\n');
 }
 
+
+/** The `[blob]` keys of the daemon config that tune its registry clients. */
+export interface RegistrySettings {
+  maxRetries: number;
+  connectTimeoutMs: number;
+  responseTimeoutMs: number;
+  maxConnectionsPerHost: number;
+}
+
+/** The `[blob]` registry settings as RegistryClient options (the snapshotter's from its config, the FUSE manager's from its flags). */
+export function registryTuning(c: RegistrySettings): {
+  retry: { attempts: number };
+  timeouts: { connectMs: number; firstByteMs: number; idleMs: number };
+  connectionsPerHost: number;
+} {
+  return {
+    retry: { attempts: c.maxRetries + 1 },
+    timeouts: { connectMs: c.connectTimeoutMs, firstByteMs: c.responseTimeoutMs, idleMs: c.responseTimeoutMs },
+    connectionsPerHost: c.maxConnectionsPerHost,
+  };
+}

@@ -526,7 +526,7 @@ export class RemoteSnapshots {
     const index = info.index;
     // The image has an index: start the FUSE manager now (a new process takes a few hundred
     // ms), while this layer unpacks or the zTOCs download; the mount that needs it reports a failure.
-    if (!this.closed && (this.client === undefined || this.client.closed)) this.manager().catch(() => undefined);
+    this.manager().catch(() => undefined);
     this.prefetchLocalLayers(info, req);
     this.prefetchZtocs(info, req);
     const ztoc = index.ztocFor(layer.digest);

@@ -10,29 +10,16 @@ import { createHash } from 'node:crypto';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { spawn } from 'node:child_process';
+import { runCli, type CliResult } from './helpers/cli.js';
 import { startRegistry, registryRequest, skopeoCopy } from './helpers/registry.js';
 import { defaultImages, pushImage } from './helpers/images.js';
 import { run } from './helpers/layers.js';
 import { RegistryClient, MEDIA_TYPE_OCI_INDEX, type Descriptor } from '../fetcher/index.js';
 import { LayerReader, MEDIA_TYPE_SOCI_INDEX_V1, MEDIA_TYPE_SOCI_INDEX_V2, ANNOTATION_INDEX_DIGEST, ANNOTATION_IMAGE_MANIFEST_DIGEST, parseSociIndex, readZtoc } from '../ztoc/index.js';
 
-interface CliResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
 
 function cli(args: string[], env: NodeJS.ProcessEnv = {}): Promise<CliResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn('bin/soci-ts', args, { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
-    child.stdout.on('data', (b: Buffer) => out.push(b));
-    child.stderr.on('data', (b: Buffer) => err.push(b));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code: code ?? -1, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') }));
-  });
+  return runCli(args, { env: { ...process.env, ...env } });
 }
 
 const sha = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');

@@ -34,28 +34,15 @@ import { RegistryClient } from '../fetcher/index.js';
 import { unpackLayer } from '../fs/index.js';
 import { ArtifactStore } from '../daemon/store.js';
 import type { MountState } from '../daemon/mount.js';
+import { runCli, type CliResult } from './helpers/cli.js';
 
-interface CliResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
 
 const work = await mkdtemp(path.join(tmpdir(), 'soci-ts-mount-'));
 // No docker config of the machine's may leak in.
 const env = { ...process.env, DOCKER_CONFIG: path.join(work, 'docker') };
 
 function cli(args: string[], opts: { uid?: number } = {}): Promise<CliResult> {
-  return new Promise((resolve, reject) => {
-    const [cmd, argv] = opts.uid === undefined ? ['bin/soci-ts', args] : ['setpriv', [`--reuid=${opts.uid}`, `--regid=${opts.uid}`, '--clear-groups', 'bin/soci-ts', ...args]];
-    const child = spawn(cmd, argv as string[], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
-    child.stdout.on('data', (b: Buffer) => out.push(b));
-    child.stderr.on('data', (b: Buffer) => err.push(b));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code: code ?? -1, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') }));
-  });
+  return runCli(args, { env, ...(opts.uid === undefined ? {} : { wrapper: ['setpriv', `--reuid=${opts.uid}`, `--regid=${opts.uid}`, '--clear-groups'] }) });
 }
 
 interface MountInfo {

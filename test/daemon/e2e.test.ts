@@ -37,6 +37,7 @@ import { run } from '../helpers/layers.js';
 import { httpRequest, registryRequest, startRegistry, type Registry } from '../helpers/registry.js';
 import { fuseManagerPid, sociTs, startSnapshotter, stopFuseManager, unmountUnder, type SnapshotterDaemon } from '../helpers/snapshotter.js';
 import { sha256File } from '../helpers/tree.js';
+import { scrapeDaemon } from '../helpers/remote.js';
 
 const NS = 'e2e';
 const NS_PLAIN = 'e2e-plain';
@@ -116,15 +117,6 @@ async function ctrOk(ns: string, args: readonly string[]): Promise<string> {
   return r.stdout;
 }
 
-/** The exposition at the daemon's metrics endpoint (its URL from the `metrics endpoint serving` log line). */
-async function scrape(d: SnapshotterDaemon): Promise<Map<string, MetricFamily>> {
-  const line = d.logLines().find((l) => l.msg === 'metrics endpoint serving');
-  const url = line?.url;
-  if (typeof url !== 'string') throw new Error(`no 'metrics endpoint serving' log line: ${d.logs().slice(-2000)}`);
-  const r = await httpRequest(url);
-  if (r.status !== 200) throw new Error(`GET ${url}: ${r.status}`);
-  return parseExposition(r.body.toString('utf8'), { requireHelpAndType: true });
-}
 
 const sum = (xs: readonly { value: number }[]): number => xs.reduce((n, s) => n + s.value, 0);
 
@@ -215,7 +207,7 @@ t.test('multi-layer image: create --push, rpull, ctr run reads a lazy file right
   const sp = ztoc.spans[file.span]!;
   t.ok(overlaps(ranges, Number(sp.compressedStart), Number(sp.compressedEnd)), 'its span was fetched from the registry');
 
-  const fams = await scrape(daemon);
+  const fams = await scrapeDaemon(daemon);
   const fetched = sum(samples(fams, 'soci_ts_layer_fetched_bytes_total', { layer: lazyLayer.digest }));
   const imageSize = multi.layers.reduce((a, l) => a + l.size, 0);
   t.ok(fetched > 0, `fetched bytes of the lazy layer: ${fetched} > 0`);
@@ -256,7 +248,7 @@ t.test('an image without an index: rpull + ctr run through the fallback, the mod
   const out = await ctrOk(NS_PLAIN, ['run', '--rm', '--snapshotter', 'soci-ts', ref, id, 'sha256sum', file]);
   t.equal(sumOf(out, file), await sha256File(join(plainRoot, file)), `ctr run: sha256 of ${file} = umoci unpack's`);
 
-  const fams = await scrape(daemon);
+  const fams = await scrapeDaemon(daemon);
   for (const l of own) {
     const m = samples(fams, 'soci_ts_layer_mode', { layer: l.digest }).filter((s) => s.value === 1);
     t.same(m.map((s) => s.labels.mode), ['fallback'], `layer ${l.digest.slice(7, 19)}: mode fallback`);

@@ -20,7 +20,8 @@ import { status, type ServiceError } from '@grpc/grpc-js';
 import { SnapshotsClient } from '../../daemon/grpc-api.js';
 import { sociTs, startSnapshotter, stopFuseManager, type SnapshotterDaemon } from '../helpers/snapshotter.js';
 import { FuseManagerClient } from '../../daemon/fuse-manager-client.js';
-import { defaultImages, pushImage } from '../helpers/images.js';
+import { defaultImages } from '../helpers/images.js';
+import { pushIndexed } from '../helpers/remote.js';
 import { startRegistry } from '../helpers/registry.js';
 import { mountTmpfs, type Tmpfs } from '../helpers/tmpfs.js';
 
@@ -224,12 +225,7 @@ t.test('a lazy Prepare on a full root: RESOURCE_EXHAUSTED, no FUSE mount leaked;
   const registry = await startRegistry();
   t.teardown(() => registry.stop());
   const { multi } = await defaultImages();
-  const pushed = await pushImage(multi.layoutDir, multi.tag, registry, 'full/multi');
-  const created = await sociTs(['create', '--push', '--root', path.join(work, 'create-store'), '--hosts-dir', '', '--json', pushed.ref]);
-  if (created.code !== 0) throw new Error(`soci-ts create --push: ${created.stderr}`);
-  const made = JSON.parse(created.stdout) as { indexes: { layers: { digest: string; ztoc?: string }[] }[] };
-  const indexed = made.indexes[0]!.layers.find((l) => l.ztoc !== undefined)!;
-  const n = multi.layers.findIndex((l) => l.digest === indexed.digest);
+  const { pushed, layer: indexed, layerIndex: n } = await pushIndexed(registry, multi, 'full/multi', path.join(work, 'create-store'));
   const labels = (target: string): Record<string, string> => ({
     'containerd.io/snapshot.ref': target,
     'containerd.io/snapshot/cri.image-ref': pushed.ref,

@@ -22,10 +22,11 @@ import { SnapshotsClient } from '../../daemon/grpc-api.js';
 import { FuseManagerClient } from '../../daemon/fuse-manager-client.js';
 import { SOCI_TS_VERSION } from '../../daemon/version.js';
 import { readZtoc } from '../../ztoc/index.js';
-import { defaultImages, pushImage } from '../helpers/images.js';
+import { defaultImages } from '../helpers/images.js';
+import { pushIndexed } from '../helpers/remote.js';
 import { run } from '../helpers/layers.js';
 import { registryRequest, startRegistry } from '../helpers/registry.js';
-import { sociTs, startSnapshotter, SnapshotterDaemonError, stopFuseManager, unmountUnder, type SnapshotterDaemon } from '../helpers/snapshotter.js';
+import { startSnapshotter, SnapshotterDaemonError, stopFuseManager, unmountUnder, type SnapshotterDaemon } from '../helpers/snapshotter.js';
 import { parseExposition, value } from '../helpers/exposition.js';
 
 const work = await mkdtemp(path.join(tmpdir(), 'soci-ts-fm-upgrade-'));
@@ -47,13 +48,8 @@ t.teardown(async () => {
 });
 
 const { multi } = await defaultImages();
-const pushed = await pushImage(multi.layoutDir, multi.tag, registry, 'upgrade/multi');
-const created = await sociTs(['create', '--push', '--root', path.join(work, 'create-store'), '--hosts-dir', '', '--json', pushed.ref]);
-if (created.code !== 0) throw new Error(`soci-ts create --push: ${created.stderr}`);
-const made = JSON.parse(created.stdout) as { indexes: { layers: { digest: string; ztoc?: string }[] }[] };
-const indexed = made.indexes[0]!.layers.find((l) => l.ztoc !== undefined)!;
-const layerN = multi.layers.findIndex((l) => l.digest === indexed.digest);
-const ztoc = readZtoc((await registryRequest(registry, `/v2/upgrade/multi/blobs/${indexed.ztoc!}`)).body);
+const { pushed, layer: indexed, layerIndex: layerN } = await pushIndexed(registry, multi, 'upgrade/multi', path.join(work, 'create-store'));
+const ztoc = readZtoc((await registryRequest(registry, `/v2/upgrade/multi/blobs/${indexed.ztoc}`)).body);
 const probe = ztoc.ztoc.files.find((f) => f.type === 'reg' && f.uncompressedSize > 1000 && f.uncompressedSize < 100_000)!;
 // The oracle: the file as the layer's tar has it.
 const oracleDir = path.join(work, 'oracle');

@@ -8,7 +8,8 @@ import { createServer, type IncomingMessage, type ServerResponse } from 'node:ht
 import type { AddressInfo } from 'node:net';
 import { RegistryClient } from '../../fetcher/index.js';
 import { DEFAULT_CONFIG } from '../../daemon/config.js';
-import { registryTuning, remoteOptions } from '../../daemon/cli-snapshotter.js';
+import { registryTuning } from '../../daemon/cli-util.js';
+import { remoteOptions } from '../../daemon/cli-snapshotter.js';
 
 async function server(handler: (req: IncomingMessage, res: ServerResponse) => void): Promise<{ host: string; close: () => Promise<void> }> {
   const s = createServer(handler);

@@ -19,7 +19,7 @@
  */
 import t, { type Test } from 'tap';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { access, lstat, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
@@ -41,12 +41,9 @@ import { run, testCacheDir } from '../helpers/layers.js';
 import { tarTv } from '../helpers/oracles.js';
 import { diffTrees, entryFields, hardlinkGroups, snapshotTree, type TreeEntry } from '../helpers/tree.js';
 import { SOCI_TS_BIN, startSnapshotter, type SnapshotterDaemon } from '../helpers/snapshotter.js';
+import { runCli, type CliResult } from '../helpers/cli.js';
+import { LABEL_MANIFEST, prepareRemote as prepareOnChain, remoteLabels as unpackerLabels, type PrepareResult } from '../helpers/remote.js';
 
-const LABEL_TARGET = 'containerd.io/snapshot.ref';
-const LABEL_IMAGE_REF = 'containerd.io/snapshot/cri.image-ref';
-const LABEL_MANIFEST = 'containerd.io/snapshot/cri.manifest-digest';
-const LABEL_LAYER = 'containerd.io/snapshot/cri.layer-digest';
-const LABEL_LAYERS = 'containerd.io/snapshot/cri.image-layers';
 const LABEL_REMOTE = 'containerd.io/snapshot/remote';
 
 const work = await mkdtemp(path.join(tmpdir(), 'soci-ts-remote-'));
@@ -156,16 +153,8 @@ const auth = Buffer.from(`${creds.username}:${creds.password}`).toString('base64
 await writeFile(dockerConfig, JSON.stringify({ auths: { [proxy.host]: { auth }, [reg.host]: { auth } } }));
 const cliEnv = { ...process.env, DOCKER_CONFIG: dockerDir };
 
-function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(SOCI_TS_BIN, args, { env: cliEnv, stdio: ['ignore', 'pipe', 'pipe'] });
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
-    child.stdout.on('data', (b: Buffer) => out.push(b));
-    child.stderr.on('data', (b: Buffer) => err.push(b));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code: code ?? -1, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') }));
-  });
+function cli(args: string[]): Promise<CliResult> {
+  return runCli(args, { env: cliEnv, bin: SOCI_TS_BIN });
 }
 
 const image = await buildImage(testCacheDir(), MOUNT_IMAGE_SPEC);
@@ -186,31 +175,11 @@ const chain: string[] = [];
 for (const [i, l] of image.layers.entries()) chain.push(i === 0 ? l.diffId : `sha256:${sha256(`${chain[i - 1]} ${l.diffId}`)}`);
 
 function remoteLabels(i: number, repo = 'remote/img', manifest = pushed.manifestDigest): Record<string, string> {
-  return {
-    [LABEL_TARGET]: chain[i]!,
-    [LABEL_IMAGE_REF]: `${proxy.host}/${repo}:${image.tag}`,
-    [LABEL_MANIFEST]: manifest,
-    [LABEL_LAYER]: image.layers[i]!.digest,
-    [LABEL_LAYERS]: image.layers
-      .slice(i)
-      .map((l) => l.digest)
-      .join(','),
-  };
+  return unpackerLabels(image, chain, i, `${proxy.host}/${repo}:${image.tag}`, manifest);
 }
-
-const unpackKey = (i: number): string => `extract-${i}-${randomBytes(4).toString('hex')} ${chain[i]}`;
 
 /** Prepare with the remote labels, as containerd's unpacker: ALREADY_EXISTS or the mounts. */
-async function prepareRemote(c: SnapshotsClient, i: number, labels = remoteLabels(i), key = unpackKey(i)): Promise<{ exists: true; details: string } | { exists: false; mounts: ProtoMount[]; key: string }> {
-  try {
-    const mounts = await c.prepare(key, i === 0 ? '' : chain[i - 1]!, labels);
-    return { exists: false, mounts, key };
-  } catch (e) {
-    const err = e as ServiceError;
-    if (err.code === status.ALREADY_EXISTS) return { exists: true, details: err.details };
-    throw e;
-  }
-}
+const prepareRemote = (c: SnapshotsClient, i: number, labels = remoteLabels(i)): Promise<PrepareResult> => prepareOnChain(c, chain, i, labels);
 
 async function grpcCode(p: Promise<unknown>): Promise<status | 'ok'> {
   try {

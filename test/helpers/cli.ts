@@ -7,9 +7,19 @@ export interface CliResult {
   stderr: string;
 }
 
-export function runCli(args: readonly string[], opts: { env?: NodeJS.ProcessEnv } = {}): Promise<CliResult> {
+export interface RunCliOptions {
+  env?: NodeJS.ProcessEnv;
+  /** The soci-ts to run (default `bin/soci-ts`, relative to the checkout the tests run in). */
+  bin?: string;
+  /** A command that runs it, e.g. `['setpriv', '--reuid=1000', …]`: runs `wrapper… bin args…`. */
+  wrapper?: readonly string[];
+}
+
+export function runCli(args: readonly string[], opts: RunCliOptions = {}): Promise<CliResult> {
+  const bin = opts.bin ?? 'bin/soci-ts';
+  const [cmd, ...argv] = opts.wrapper !== undefined && opts.wrapper.length > 0 ? [...opts.wrapper, bin, ...args] : [bin, ...args];
   return new Promise((resolve, reject) => {
-    const child = spawn('bin/soci-ts', args, { stdio: ['ignore', 'pipe', 'pipe'], env: opts.env ?? process.env });
+    const child = spawn(cmd!, argv, { stdio: ['ignore', 'pipe', 'pipe'], env: opts.env ?? process.env });
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     child.stdout.on('data', (b: Buffer) => out.push(b));

@@ -8,9 +8,9 @@ import { randomBytes } from 'node:crypto';
 import { status, type ServiceError } from '@grpc/grpc-js';
 import type { ProtoMount, SnapshotsClient } from '../../daemon/grpc-api.js';
 import { parseExposition, type MetricFamily } from './exposition.js';
-import type { BuiltImage } from './images.js';
-import { httpRequest } from './registry.js';
-import type { SnapshotterDaemon } from './snapshotter.js';
+import { pushImage, type BuiltImage, type PushedImage } from './images.js';
+import { httpRequest, type Registry } from './registry.js';
+import { sociTs, type SnapshotterDaemon } from './snapshotter.js';
 
 export const LABEL_TARGET = 'containerd.io/snapshot.ref';
 export const LABEL_IMAGE_REF = 'containerd.io/snapshot/cri.image-ref';
@@ -55,4 +55,18 @@ export async function scrapeDaemon(d: SnapshotterDaemon): Promise<Map<string, Me
   const r = await httpRequest(url);
   if (r.status !== 200) throw new Error(`GET ${url}: ${r.status}`);
   return parseExposition(r.body.toString('utf8'), { requireHelpAndType: true });
+}
+
+/**
+ * Pushes `image` to `registry` as `repo` and indexes it with `soci-ts create --push` (its store
+ * under `storeRoot`): the pushed image and its first layer that got a zTOC (and that layer's index).
+ */
+export async function pushIndexed(registry: Registry, image: BuiltImage, repo: string, storeRoot: string): Promise<{ pushed: PushedImage; layer: { digest: string; ztoc: string }; layerIndex: number }> {
+  const pushed = await pushImage(image.layoutDir, image.tag, registry, repo);
+  const created = await sociTs(['create', '--push', '--root', storeRoot, '--hosts-dir', '', '--json', pushed.ref]);
+  if (created.code !== 0) throw new Error(`soci-ts create --push: ${created.stderr}`);
+  const made = JSON.parse(created.stdout) as { indexes: { layers: { digest: string; ztoc?: string }[] }[] };
+  const indexed = made.indexes[0]?.layers.find((l) => l.ztoc !== undefined);
+  if (indexed?.ztoc === undefined) throw new Error(`soci-ts create --push made no zTOC for ${pushed.ref}`);
+  return { pushed, layer: { digest: indexed.digest, ztoc: indexed.ztoc }, layerIndex: image.layers.findIndex((l) => l.digest === indexed.digest) };
 }
