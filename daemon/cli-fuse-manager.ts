@@ -27,6 +27,7 @@ interface Flags {
   backgroundDelay: number;
   logLevel: LogLevel;
   logFile?: string;
+  idleExit: number;
   logMaxSize: number;
   logFiles: number;
 }
@@ -73,6 +74,7 @@ export function fuseManagerCommand(): Command {
     .addOption(new Option('--background-rate <size>', 'background fetch: compressed bytes per second').argParser(parseSize))
     .addOption(new Option('--background-delay <ms>', 'background fetch: wait after a mount').argParser(ms).default(10_000))
     .addOption(new Option('--log-level <level>', 'JSON log lines at this level and above').choices(['debug', 'info', 'warn', 'error']).default('info'))
+    .addOption(new Option('--idle-exit <ms>', 'exit after this long with nothing mounted and no snapshotter connected (0 = never)').argParser(ms).default(0))
     .option('--log-file <path>', 'write the log lines to this file, rotated by size (default: stderr)')
     .addOption(new Option('--log-max-size <size>', 'with --log-file: rotate before the file grows past this').argParser(parseSize).default(DEFAULT_LOG_MAX_BYTES, '10MiB'))
     .addOption(new Option('--log-files <n>', 'with --log-file: rotated files kept (FILE.1 … FILE.N)').argParser(files).default(DEFAULT_LOG_FILES))
@@ -95,6 +97,7 @@ export function fuseManagerCommand(): Command {
       // Keeps the process alive while it serves (FUSE threads alone may not).
       const keepAlive = setInterval(() => undefined, 1 << 30);
       let manager: FuseManager;
+      let idle: (() => void) | undefined;
       try {
         manager = await FuseManager.start({
           root: f.root,
@@ -107,6 +110,8 @@ export function fuseManagerCommand(): Command {
           diskCacheBytes: f.diskCache,
           background: { enabled: f.background, rateBytesPerSec: f.backgroundRate, startDelayMs: f.backgroundDelay },
           metrics,
+          idleExitMs: f.idleExit,
+          onIdle: () => idle?.(),
         });
       } catch (err) {
         clearInterval(keepAlive);
@@ -127,6 +132,14 @@ export function fuseManagerCommand(): Command {
         };
         process.on('SIGTERM', onSignal);
         process.on('SIGINT', onSignal);
+        idle = () => {
+          process.off('SIGTERM', onSignal);
+          process.off('SIGINT', onSignal);
+          manager.stop().then(resolve, (e: unknown) => {
+            logger.error('shutdown failed', { error: e });
+            resolve();
+          });
+        };
         // A hangup (the terminal that started it is gone) is not a reason to stop serving.
         process.on('SIGHUP', () => logger.info('SIGHUP ignored'));
       });

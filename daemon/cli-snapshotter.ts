@@ -101,6 +101,9 @@ Metrics of both processes are served together at GET /metrics on the metrics add
     });
 }
 
+/** A FUSE manager this snapshotter starts exits after this long with no mount and no snapshotter connected. */
+export const MANAGER_IDLE_EXIT_MS = 30_000;
+
 /** Remote snapshots as the config asks (undefined when `snapshotter.remote = false`). */
 export function remoteOptions(config: SnapshotterConfig, client: RegistryClient, metrics?: MetricsSink): SnapshotterOptions['remote'] {
   if (!config.remote) return undefined;
@@ -140,6 +143,9 @@ export function remoteOptions(config: SnapshotterConfig, client: RegistryClient,
     String(config.fuseManagerLogMaxBytes),
     '--log-files',
     String(config.fuseManagerLogFiles),
+    // Started by this snapshotter: gone once nothing is mounted and no snapshotter is connected.
+    '--idle-exit',
+    String(MANAGER_IDLE_EXIT_MS),
   ];
   return {
     client,
@@ -148,6 +154,7 @@ export function remoteOptions(config: SnapshotterConfig, client: RegistryClient,
       minLayerSize: config.minLayerSize,
       manager: { socket, args, logFile: join(config.root, 'fuse-manager.log') },
       pullModes: { v1: config.sociV1, v2: config.sociV2 },
+      startManagerAtOpen: config.fuseManagerAtStart,
     },
     metrics,
   };

@@ -12,6 +12,7 @@
  *   remote = true                            # serve layers of SOCI-indexed images remotely (Prepare with the remote labels)
  *   min_layer_size = 0                       # layers with a zTOC but smaller than this are unpacked by the daemon instead (bytes; "10MiB")
  *   fuse_manager_address = ""                # the FUSE manager's socket; "" = <root>/fuse-manager.sock
+ *   fuse_manager_at_start = true             # start the FUSE manager with the snapshotter (false: at the first lazy layer)
  *   fuse_manager_log_max_size = "10MiB"      # <root>/fuse-manager.log is rotated before it grows past this
  *   fuse_manager_log_files = 3               # rotated logs kept (fuse-manager.log.1 … .3; 0 = none)
  *
@@ -66,6 +67,8 @@ export interface SnapshotterConfig {
   minLayerSize: number;
   /** '' = `<root>/fuse-manager.sock`. */
   fuseManagerAddress: string;
+  /** Start the FUSE manager with the snapshotter rather than at the first lazy layer. */
+  fuseManagerAtStart: boolean;
   fuseManagerLogMaxBytes: number;
   fuseManagerLogFiles: number;
   fetchTimeoutMs: number;
@@ -96,6 +99,7 @@ export const DEFAULT_CONFIG: Readonly<SnapshotterConfig> = Object.freeze({
   // As upstream's daemon: every layer with a zTOC is mounted lazily.
   minLayerSize: 0,
   fuseManagerAddress: '',
+  fuseManagerAtStart: true,
   fuseManagerLogMaxBytes: DEFAULT_LOG_MAX_BYTES,
   fuseManagerLogFiles: DEFAULT_LOG_FILES,
   fetchTimeoutMs: 30_000,
@@ -216,6 +220,7 @@ const KEYS: Record<string, { field: keyof SnapshotterConfig; convert: Converter 
   'snapshotter.remote': { field: 'remote', convert: boolean },
   'snapshotter.min_layer_size': { field: 'minLayerSize', convert: size(0) },
   'snapshotter.fuse_manager_address': { field: 'fuseManagerAddress', convert: pathOrEmpty },
+  'snapshotter.fuse_manager_at_start': { field: 'fuseManagerAtStart', convert: boolean },
   'snapshotter.fuse_manager_log_max_size': { field: 'fuseManagerLogMaxBytes', convert: size(1024) },
   'snapshotter.fuse_manager_log_files': { field: 'fuseManagerLogFiles', convert: count(0, 100) },
   'blob.fetch_timeout': { field: 'fetchTimeoutMs', convert: positiveDuration },

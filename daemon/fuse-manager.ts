@@ -77,6 +77,12 @@ export interface FuseManagerOptions {
   diskCacheBytes?: number;
   background?: BackgroundSettings;
   metrics?: MetricsSink;
+  /**
+   * With no mount and no connection for this long, call `onIdle` (0 or absent = never): a
+   * manager a snapshotter started at its own start does not outlive it when it served nothing.
+   */
+  idleExitMs?: number;
+  onIdle?: () => void;
 }
 
 interface Entry {
@@ -116,6 +122,7 @@ export class FuseManager {
   private readonly memory: LayerFsOptions['memory'];
   private stopping: Promise<void> | undefined;
   private progressTimer: NodeJS.Timeout | undefined;
+  private idleTimer: NodeJS.Timeout | undefined;
 
   private constructor(
     private readonly opts: FuseManagerOptions,
@@ -178,7 +185,29 @@ export class FuseManager {
     await chmod(opts.socket, 0o600);
     server.on('error', (err) => logger.error('FUSE manager socket error', { error: err }));
     logger.info('FUSE manager serving', { socket: opts.socket, root: opts.root, pid: process.pid, instance: self.instance, version: identity.version, build: identity.build, protocol: identity.protocol });
+    self.checkIdle();
     return self;
+  }
+
+  private isIdle(): boolean {
+    return this.connections.size === 0 && this.mounts.size === 0 && this.locks.size === 0 && this.stopping === undefined;
+  }
+
+  /** Arms the idle timer when nothing is mounted and nobody is connected; disarms it otherwise. */
+  private checkIdle(): void {
+    const ms = this.opts.idleExitMs ?? 0;
+    if (ms <= 0 || this.opts.onIdle === undefined) return;
+    if (!this.isIdle()) {
+      if (this.idleTimer !== undefined) clearTimeout(this.idleTimer);
+      this.idleTimer = undefined;
+      return;
+    }
+    this.idleTimer ??= setTimeout(() => {
+      this.idleTimer = undefined;
+      if (!this.isIdle()) return;
+      this.opts.logger.info('idle: nothing mounted and no snapshotter connected; exiting', { idleMs: ms });
+      this.opts.onIdle?.();
+    }, ms);
   }
 
   get size(): number {
@@ -189,7 +218,11 @@ export class FuseManager {
 
   private serve(sock: Socket): void {
     this.connections.add(sock);
-    sock.on('close', () => this.connections.delete(sock));
+    this.checkIdle();
+    sock.on('close', () => {
+      this.connections.delete(sock);
+      this.checkIdle();
+    });
     sock.on('error', (err) => this.opts.logger.debug('FUSE manager connection error', { error: err }));
     const send = (obj: unknown): void => {
       if (sock.destroyed) return;
@@ -294,6 +327,7 @@ export class FuseManager {
     this.locks.set(mountpoint, tail);
     void tail.then(() => {
       if (this.locks.get(mountpoint) === tail) this.locks.delete(mountpoint);
+      this.checkIdle();
     });
     return p;
   }
@@ -475,6 +509,7 @@ export class FuseManager {
     this.stopping ??= (async () => {
       const log = this.opts.logger;
       if (this.progressTimer !== undefined) clearInterval(this.progressTimer);
+      if (this.idleTimer !== undefined) clearTimeout(this.idleTimer);
       const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
       for (const s of this.connections) s.destroy();
       await closed;

@@ -151,6 +151,11 @@ export interface RemoteSettings {
   sweepIntervalMs?: number;
   /** Which SOCI index versions discovery may use (`[pull_modes.*] enable`; default both). */
   pullModes?: PullModes;
+  /**
+   * Start the FUSE manager when the snapshotter starts (default), so that the first lazy pull
+   * does not wait for a process to start; `false` starts it at the first lazy layer.
+   */
+  startManagerAtOpen?: boolean;
 }
 
 export interface RemoteDeps {
@@ -321,6 +326,10 @@ export class RemoteSnapshots {
         this.log.error('FUSE manager unavailable at start: lazy snapshots are not served until it can be started', { lazySnapshots: lazy, error: err });
         this.scheduleReconnect();
       }
+    } else if (this.deps.settings.startManagerAtOpen !== false) {
+      // Starting a manager takes most of a second: not on the first lazy pull's path. Not awaited
+      // (the snapshotter serves meanwhile); a failure here is tried again at the first lazy layer.
+      this.manager().catch((err: unknown) => this.log.warn('FUSE manager not started at start: starting it again at the first lazy layer', { error: err }));
     }
     const every = this.deps.settings.sweepIntervalMs ?? 5 * 60_000;
     if (every > 0) {

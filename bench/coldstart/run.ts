@@ -51,7 +51,7 @@ const NAMESPACE = 'coldstart';
 const SNAPSHOTTER = 'soci-ts';
 
 export const METHOD = [
-  'Each run starts from nothing: no image, content, snapshots or leases in containerd, a freshly started soci-ts snapshotter on an empty root (metadata, snapshots, span caches, local index store), and the page cache dropped (`echo 3 > /proc/sys/vm/drop_caches`).',
+  'Each run starts from nothing: no image, content, snapshots or leases in containerd, a freshly started soci-ts snapshotter on an empty root (metadata, snapshots, span caches, local index store) whose FUSE manager is up before the clock starts (as on a host where the snapshotter runs long before a pull: it starts its manager at its own start), and the page cache dropped (`echo 3 > /proc/sys/vm/drop_caches`).',
   'pull/unpack: `ctr images pull --plain-http REF` (overlayfs: every layer fetched and unpacked) or `soci-ts rpull --address … --namespace … --snapshotter soci-ts --plain-http REF` (soci-ts: indexed layers become lazy remote snapshots), timed from spawn to exit.',
   'create: `ctr containers create [--snapshotter soci-ts] REF ID CMD…`, spawn to exit. run: `ctr tasks start ID`, from spawn to the first stdout line containing the ready line. The total runs from the pull\'s spawn to that line, gaps included; three ctr commands instead of one `ctr run` add a few tens of ms of process start-up to both modes alike.',
   'Bytes fetched: what a loopback TCP proxy in front of the registry passed from the registry to its clients (bodies and HTTP headers), from the start of the pull to the ready line; all clients (ctr, rpull, the snapshotter) reach the registry only through it.',
@@ -254,6 +254,17 @@ async function restartSnapshotter(env: Env, logLabel?: string): Promise<void> {
   await mkdir(s.root, { recursive: true });
   s.daemon = await startSnapshotter({ root: s.root, address: s.address, logLevel: 'info', startTimeoutMs: 60_000 });
   env.cleanup.trackGroup(s.daemon.pid);
+  // A host's snapshotter runs long before a pull: its FUSE manager (started with it) is up.
+  await waitManagerStarted(s.daemon, 60_000);
+}
+
+/** Resolves once the snapshotter logged its FUSE manager started (it starts one at its own start). */
+async function waitManagerStarted(d: SnapshotterDaemon, ms: number): Promise<void> {
+  for (const end = Date.now() + ms; Date.now() < end; ) {
+    if (d.logLines().some((l) => l.msg === 'FUSE manager: started')) return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new BenchError(`the soci-ts snapshotter did not start its FUSE manager within ${ms} ms`);
 }
 
 /** Copies the stopped snapshotter's log and its FUSE manager's log to OUT/logs/LABEL-*.log. */

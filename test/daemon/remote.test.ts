@@ -326,7 +326,9 @@ t.test('the fixture: one big layer indexed, four small ones without a zTOC', asy
 t.test('Prepare of every layer with the remote labels: ALREADY_EXISTS, committed under the chain ID', async (t) => {
   s1 = await startDaemon();
   const { d, c } = s1;
-  await t.rejects(access(managerSocket), 'no FUSE manager before a remote snapshot needs one');
+  // fuse_manager_at_start (default true): the manager is up before the first pull needs it.
+  t.equal((await waitForLog(d, 'FUSE manager: started')).length, 1, 'the FUSE manager is started with the snapshotter, before any Prepare');
+  t.equal((await managerList(managerSocket)).length, 0, 'serving nothing yet');
   proxy.resetStats();
   for (let i = 0; i < image.layers.length; i++) {
     const r = await prepareRemote(c, i);
@@ -536,8 +538,12 @@ const address4 = path.join(work, 'run', 'soci-ts-4.sock');
 const socket4 = path.join(root4, 'fuse-manager.sock');
 let s4: { d: SnapshotterDaemon; c: SnapshotsClient };
 
+// This one starts its FUSE manager on demand.
+const configOnDemand = path.join(work, 'config-on-demand.toml');
+await writeFile(configOnDemand, `hosts_dir = ""\ndocker_config = ${JSON.stringify(dockerConfig)}\n\n[snapshotter]\nfuse_manager_at_start = false\n\n[background_fetch]\nenabled = false\n`);
+
 t.test('an image without an index: the normal overlay path, the reason logged and recorded', async (t) => {
-  s4 = await startDaemon(root4, address4);
+  s4 = await startDaemon(root4, address4, configOnDemand);
   const { d, c } = s4;
   const r0 = await prepareRemote(c, 0, remoteLabels(0, 'remote/noindex'));
   t.notOk(r0.exists, 'not ALREADY_EXISTS');
@@ -556,7 +562,7 @@ t.test('an image without an index: the normal overlay path, the reason logged an
     t.equal(optionValue(r1.mounts[0]!, 'lowerdir'), path.join(root4, 'snapshots', (await snapshotId(root4, chain[0]!))!, 'fs'));
     await c.remove(r1.key);
   }
-  await t.rejects(access(socket4), 'no FUSE manager was started for an image without an index');
+  await t.rejects(access(socket4), 'with fuse_manager_at_start = false, no FUSE manager was started for an image without an index');
   const db = new Database(path.join(root4, 'metadata.db'), { readonly: true });
   try {
     const row = db.prepare('SELECT mode, reason, snapshot_key FROM layer_modes WHERE layer_digest = ?').get(image.layers[1]!.digest) as { mode: string; reason: string; snapshot_key: string } | undefined;
