@@ -16,6 +16,8 @@ import {
 } from '../fetcher/index.js';
 import { ZtocError, DEFAULT_SPAN_SIZE } from '../ztoc/index.js';
 import { ArtifactStore, StoreError, DEFAULT_ROOT, type IndexRecord } from './store.js';
+import { addRegistryOptions, type RegistryOptions } from './cli-util.js';
+export { addRegistryOptions, type RegistryOptions } from './cli-util.js';
 import { parseSize, printTable, UsageError } from './cli-util.js';
 import {
   convertImage,
@@ -28,13 +30,6 @@ import {
   type PushedIndex,
 } from './workflow.js';
 
-export interface RegistryOptions {
-  root: string;
-  plainHttp?: boolean;
-  user?: string;
-  hostsDir: string;
-  logLevel: LogLevel;
-}
 
 interface PlatformOptions {
   platform?: string;
@@ -50,19 +45,6 @@ interface CreateFlags extends RegistryOptions, PlatformOptions {
 }
 
 /** --root, --plain-http, --user, --hosts-dir, --log-level: the options every registry command takes. */
-export function addRegistryOptions(cmd: Command): Command {
-  return cmd
-    .addOption(new Option('--root <dir>', 'local store of indexes and zTOCs').env('SOCI_TS_ROOT').default(DEFAULT_ROOT))
-    .option('--plain-http', 'talk plain HTTP to the registry (loopback registries with a port already are)')
-    .option('-u, --user <user:password>', 'registry credentials (default: ~/.docker/config.json and its credential helpers)')
-    .addOption(new Option('--hosts-dir <dir>', 'containerd certs.d directory (mirrors, CAs, plain HTTP)').default(DEFAULT_HOSTS_DIR))
-    .addOption(
-      new Option('--log-level <level>', 'JSON log lines on stderr at this level and above')
-        .choices(['debug', 'info', 'warn', 'error'])
-        .default('warn'),
-    );
-}
-
 function addPlatformOptions(cmd: Command): Command {
   return cmd
     .option('--platform <os/arch[/variant]>', "which image of a multi-platform image (default: this host's)")

@@ -1,19 +1,16 @@
-/** `soci-ts rpull`: pull an image into containerd for the soci-ts snapshotter (see rpull.ts). */
+/**
+ * `soci-ts rpull`: pull an image into containerd for the soci-ts snapshotter (see rpull.ts).
+ * When a soci-ts snapshotter serves ROOT/control.sock, it does the pull (it is warm: no
+ * module loading, no protobuf code generation, no new connections; control.ts); otherwise
+ * the pull runs in this process. This module imports neither gRPC nor the fetcher until the
+ * in-process path needs them.
+ */
 import { Command, Option } from 'commander';
-import { formatPlatform, parseReference } from '../fetcher/index.js';
-import { addRegistryOptions, setup, type RegistryOptions } from './cli-registry.js';
-import { ContainerdApiError } from './containerd-client.js';
-import {
-  DEFAULT_CONTAINERD_ADDRESS,
-  DEFAULT_NAMESPACE,
-  DEFAULT_RPULL_SNAPSHOTTER,
-  describeLayer,
-  rpull,
-  RpullError,
-  summarize,
-  type RpullEvent,
-  type RpullResult,
-} from './rpull.js';
+import type { Socket } from 'node:net';
+import { addRegistryOptions, ExitCodeError, type RegistryOptions } from './cli-util.js';
+import { callControl, connectControl, ControlConnectionError, ControlRequestError, controlSocketPath, type RpullRequest } from './control.js';
+import { DEFAULT_CONTAINERD_ADDRESS, DEFAULT_NAMESPACE, DEFAULT_RPULL_SNAPSHOTTER, describeLayer } from './rpull-report.js';
+import type { RpullEvent } from './rpull.js';
 
 interface Flags extends RegistryOptions {
   address: string;
@@ -21,6 +18,7 @@ interface Flags extends RegistryOptions {
   snapshotter: string;
   platform?: string;
   json?: boolean;
+  inProcess?: boolean;
 }
 
 function mb(n: number): string {
@@ -48,32 +46,6 @@ function terminalProgress(): ((e: RpullEvent) => void) | undefined {
   };
 }
 
-function resultJson(r: RpullResult): object {
-  return {
-    image: r.image,
-    namespace: r.namespace,
-    snapshotter: r.snapshotter,
-    target: r.target,
-    manifest: r.manifest.digest,
-    config: r.config.digest,
-    ...(r.platform === undefined ? {} : { platform: formatPlatform(r.platform) }),
-    chainId: r.chainId,
-    imageRecord: r.imageRecord,
-    fetchedBytes: r.fetchedBytes,
-    seconds: r.seconds,
-    layers: r.layers.map((l) => ({
-      digest: l.digest,
-      mediaType: l.mediaType,
-      size: l.size,
-      diffId: l.diffId,
-      chainId: l.chainId,
-      outcome: l.outcome,
-      fetchedBytes: l.fetchedBytes,
-      ...(l.blobInStore === undefined ? {} : { blobInStore: l.blobInStore }),
-    })),
-  };
-}
-
 export function rpullCommand(): Command {
   const cmd = new Command('rpull')
     .description(
@@ -85,8 +57,11 @@ export function rpullCommand(): Command {
     .addOption(new Option('-n, --namespace <ns>', 'containerd namespace').env('CONTAINERD_NAMESPACE').default(DEFAULT_NAMESPACE))
     .addOption(new Option('--snapshotter <name>', 'the snapshotter (containerd proxy plugin name)').default(DEFAULT_RPULL_SNAPSHOTTER))
     .option('--platform <os/arch[/variant]>', "which image of a multi-platform image (default: this host's)")
-    .option('--json', 'print the result (per-layer outcome) as JSON');
+    .option('--json', 'print the result (per-layer outcome) as JSON')
+    .option('--in-process', 'pull in this process even when the snapshotter at ROOT/control.sock could');
   addRegistryOptions(cmd);
+  const rootOption = cmd.options.find((o) => o.long === '--root');
+  if (rootOption !== undefined) rootOption.description = "the soci-ts snapshotter's root: the snapshotter serving ROOT/control.sock does the pull (it is warm); without one, the pull runs in this process";
   cmd.addHelpText(
     'after',
     `
@@ -98,34 +73,82 @@ ID's snapshot exists).
 Afterwards \`ctr run --snapshotter soci-ts REF ID CMD\` runs the image.`,
   );
   cmd.action(async (refText: string, opts: Flags) => {
-    const ref = parseReference(refText);
-    const { client, logger } = setup(opts);
     const ac = new AbortController();
-    const onSignal = (): void => ac.abort(new RpullError(ref.toString(), 'interrupted'));
+    const onSignal = (): void => ac.abort(new ExitCodeError(`${refText}: interrupted`, 1));
     process.once('SIGINT', onSignal);
     process.once('SIGTERM', onSignal);
     try {
-      const result = await rpull(client.repository(ref), {
-        address: opts.address,
-        namespace: opts.namespace,
-        snapshotter: opts.snapshotter,
-        platform: opts.platform,
-        logger,
-        onEvent: terminalProgress(),
-        signal: ac.signal,
-      });
-      if (opts.json === true) process.stdout.write(JSON.stringify(resultJson(result), null, 2) + '\n');
-      else process.stdout.write(summarize(result) + '\n');
+      const socket = controlSocketPath(opts.root);
+      const sock = opts.inProcess === true ? undefined : await connectControl(socket);
+      if (sock !== undefined) await rpullInSnapshotter(sock, socket, refText, opts, ac.signal);
+      else await rpullInProcess(refText, opts, ac.signal);
     } finally {
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);
-      await client.close();
     }
   });
   return cmd;
 }
 
-/** Errors of rpull that are the user's to act on (exit code 1): containerd's answers included. */
+async function rpullInSnapshotter(sock: Socket, socket: string, refText: string, opts: Flags, signal: AbortSignal): Promise<void> {
+  const env: Record<string, string> = {};
+  for (const k of ['DOCKER_CONFIG', 'HOME', 'PATH']) {
+    const v = process.env[k];
+    if (v !== undefined) env[k] = v;
+  }
+  const req: RpullRequest = {
+    ref: refText,
+    address: opts.address,
+    namespace: opts.namespace,
+    snapshotter: opts.snapshotter,
+    ...(opts.platform !== undefined ? { platform: opts.platform } : {}),
+    plainHttp: opts.plainHttp === true,
+    ...(opts.user !== undefined ? { user: opts.user } : {}),
+    hostsDir: opts.hostsDir,
+    env,
+    logLevel: opts.logLevel,
+  };
+  const progress = terminalProgress();
+  try {
+    const reply = await callControl(sock, socket, 'rpull', req, {
+      onEvent: (e) => progress?.(e as RpullEvent),
+      onLog: (line) => process.stderr.write(line.endsWith('\n') ? line : `${line}\n`),
+      signal,
+    });
+    if (opts.json === true) process.stdout.write(JSON.stringify(reply.json, null, 2) + '\n');
+    else process.stdout.write(reply.summary + '\n');
+  } catch (err) {
+    // The snapshotter classified it as this process would have: 1 for the user's, 2 for ours.
+    if (err instanceof ControlRequestError) throw new ExitCodeError(err.message, err.kind === 'user' ? 1 : 2);
+    throw err;
+  }
+}
+
+async function rpullInProcess(refText: string, opts: Flags, signal: AbortSignal): Promise<void> {
+  const [{ parseReference }, { setup }, { rpull, rpullResultJson, summarize }] = await Promise.all([import('../fetcher/index.js'), import('./cli-registry.js'), import('./rpull.js')]);
+  const ref = parseReference(refText);
+  const { client, logger } = setup(opts);
+  try {
+    const result = await rpull(client.repository(ref), {
+      address: opts.address,
+      namespace: opts.namespace,
+      snapshotter: opts.snapshotter,
+      platform: opts.platform,
+      logger,
+      onEvent: terminalProgress(),
+      signal,
+    });
+    if (opts.json === true) process.stdout.write(JSON.stringify(rpullResultJson(result), null, 2) + '\n');
+    else process.stdout.write(summarize(result) + '\n');
+  } finally {
+    await client.close();
+  }
+}
+
+/**
+ * Errors of rpull that are the user's to act on (exit code 1): containerd's answers included,
+ * and the snapshotter going away mid-pull. By name, so that classifying loads no gRPC.
+ */
 export function isRpullUserError(err: unknown): boolean {
-  return err instanceof RpullError || err instanceof ContainerdApiError;
+  return err instanceof ControlConnectionError || (err instanceof Error && (err.name === 'RpullError' || err.name === 'ContainerdApiError'));
 }

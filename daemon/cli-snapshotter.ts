@@ -12,6 +12,10 @@ import { SnapshotterError } from './errdefs.js';
 import { ProtoLoadError } from './grpc-api.js';
 import { createMetrics, MetricsServerError, parseMetricsAddress, startDaemonMetrics, type MetricsSink } from './metrics.js';
 import { serveMaybeActivated, SocketActivationError } from './socket-activation.js';
+import { controlSocketPath } from './control.js';
+import { ControlServer } from './control-server.js';
+import { isRpullServiceUserError, rpullHandler } from './rpull-service.js';
+import { warmContainerdCodecs } from './containerd-client.js';
 
 interface Flags {
   config?: string;
@@ -81,13 +85,24 @@ Metrics of both processes are served together at GET /metrics on the metrics add
       const remoteSnapshots = server.serving.snapshotter.remote;
       if (remoteSnapshots !== undefined) endpoint?.addSource({ name: 'fuse-manager', collect: () => remoteSnapshots.managerMetrics() });
       // ---- end of hooks
+      // `soci-ts rpull` asks this warm process to pull (ROOT/control.sock); without it, rpull pulls in its own process.
+      const control = await ControlServer.start({
+        socket: controlSocketPath(config.root),
+        logger,
+        handlers: { rpull: rpullHandler(logger, registryTuning(config)) },
+        isUserError: isRpullServiceUserError,
+      }).catch((err: unknown) => {
+        logger.warn('control socket not served: soci-ts rpull pulls in its own process', { socket: controlSocketPath(config.root), error: err });
+        return undefined;
+      });
+      if (control !== undefined) setTimeout(() => void warmContainerdCodecs().catch(() => undefined), 100).unref();
       await new Promise<void>((resolve) => {
         const onSignal = (sig: NodeJS.Signals): void => {
           logger.info('shutting down', { signal: sig });
           process.off('SIGTERM', onSignal);
           process.off('SIGINT', onSignal);
-          server
-            .stop()
+          Promise.resolve(control?.stop())
+            .then(() => server.stop())
             .then(() => endpoint?.close())
             .then(() => client.close())
             .then(resolve, (e: unknown) => {

@@ -1,5 +1,7 @@
 /** Helpers shared by the CLI's commands: errors, argument parsers, progress, tables, files. */
-import { InvalidArgumentError } from 'commander';
+import { InvalidArgumentError, Option, type Command } from 'commander';
+import type { LogLevel } from '../fetcher/index.js';
+import { DEFAULT_CERTS_DIR, DEFAULT_ROOT } from './defaults.js';
 import { rename, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 
@@ -89,4 +91,26 @@ export function registryTuning(c: RegistrySettings): {
     timeouts: { connectMs: c.connectTimeoutMs, firstByteMs: c.responseTimeoutMs, idleMs: c.responseTimeoutMs },
     connectionsPerHost: c.maxConnectionsPerHost,
   };
+}
+
+/** The registry flags of create, push, convert, index, mount, explain and rpull. */
+export interface RegistryOptions {
+  root: string;
+  plainHttp?: boolean;
+  user?: string;
+  hostsDir: string;
+  logLevel: LogLevel;
+}
+
+export function addRegistryOptions(cmd: Command): Command {
+  return cmd
+    .addOption(new Option('--root <dir>', 'local store of indexes and zTOCs').env('SOCI_TS_ROOT').default(DEFAULT_ROOT))
+    .option('--plain-http', 'talk plain HTTP to the registry (loopback registries with a port already are)')
+    .option('-u, --user <user:password>', 'registry credentials (default: ~/.docker/config.json and its credential helpers)')
+    .addOption(new Option('--hosts-dir <dir>', 'containerd certs.d directory (mirrors, CAs, plain HTTP)').default(DEFAULT_CERTS_DIR))
+    .addOption(
+      new Option('--log-level <level>', 'JSON log lines on stderr at this level and above')
+        .choices(['debug', 'info', 'warn', 'error'])
+        .default('warn'),
+    );
 }

@@ -47,7 +47,7 @@
 import { readFile } from 'node:fs/promises';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import { DEFAULT_HOSTS_DIR, isLogLevel, type LogLevel } from '../fetcher/index.js';
-import { DEFAULT_ADDRESS, DEFAULT_ROOT } from './server.js';
+import { DEFAULT_ADDRESS, DEFAULT_ROOT } from './defaults.js';
 import { parseMetricsAddress } from './metrics.js';
 import { DEFAULT_LOG_FILES, DEFAULT_LOG_MAX_BYTES } from './log-file.js';
 

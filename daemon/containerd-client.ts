@@ -12,7 +12,7 @@
  * (ALREADY_EXISTS, NOT_FOUND).
  */
 import * as grpc from '@grpc/grpc-js';
-import { grpcAddress, loadPackageDefinition, SnapshotsClient, type ProtoMount, type ProtoTimestamp } from './grpc-api.js';
+import { grpcAddress, loadPackageDefinition, SnapshotsClient, SNAPSHOTS_SERVICE, type ProtoMount, type ProtoTimestamp } from './grpc-api.js';
 
 export const CONTENT_SERVICE = 'containerd.services.content.v1.Content';
 export const IMAGES_SERVICE = 'containerd.services.images.v1.Images';
@@ -178,6 +178,26 @@ export type WriteOutcome =
   | 'exists'
   /** containerd had the bytes (another namespace, or a completed earlier write) and committed them without data. */
   | 'committed-without-data';
+
+/**
+ * Generates the message codecs of every method rpull uses (protobufjs builds them at a type's
+ * first use), so that a long-running process's first pull does not pay for it. No I/O.
+ */
+export async function warmContainerdCodecs(): Promise<void> {
+  const def = await loadPackageDefinition();
+  for (const service of [CONTENT_SERVICE, IMAGES_SERVICE, LEASES_SERVICE, DIFF_SERVICE, INTROSPECTION_SERVICE, SNAPSHOTS_SERVICE]) {
+    const svc = def[service] as unknown as grpc.ServiceDefinition | undefined;
+    if (svc === undefined) continue;
+    for (const m of Object.values(svc)) {
+      try {
+        m.requestSerialize({});
+        m.responseDeserialize(Buffer.alloc(0));
+      } catch {
+        // A message with required fields: its codec exists now all the same.
+      }
+    }
+  }
+}
 
 export class ContainerdClient {
   private constructor(

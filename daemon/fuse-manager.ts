@@ -120,6 +120,7 @@ export class FuseManager {
   private readonly connections = new Set<Socket>();
   private readonly sink: MetricsSink | undefined;
   private readonly memory: LayerFsOptions['memory'];
+  private readonly inflated: InflatedSpanCache;
   private stopping: Promise<void> | undefined;
   private progressTimer: NodeJS.Timeout | undefined;
   private idleTimer: NodeJS.Timeout | undefined;
@@ -134,6 +135,7 @@ export class FuseManager {
     private readonly identity: BuildIdentity,
   ) {
     this.sink = sink;
+    this.inflated = memory;
     // Cache hits and misses reach the sink through thin wrappers (only with a sink).
     this.memory =
       sink === undefined
@@ -313,6 +315,7 @@ export class FuseManager {
       startedAt: this.startedAt,
       root: this.opts.root,
       mounts: this.mounts.size,
+      memoryCacheBytes: this.inflated.bytes,
     };
   }
 
@@ -443,12 +446,16 @@ export class FuseManager {
     const digest = e.params.layer.digest;
     await this.background.remove(digest);
     // Another mount of the same layer keeps being fetched in the background.
+    let shared = false;
     for (const other of this.mounts.values()) {
       if (other.params.layer.digest === digest) {
         this.background.add(other.fs.spans);
+        shared = true;
         break;
       }
     }
+    // Inflated spans of a layer nobody mounts any more are memory wasted (the disk cache keeps the compressed ones).
+    if (!shared) this.inflated.deleteLayer(digest);
     try {
       await e.fs.unmount();
     } catch (err) {

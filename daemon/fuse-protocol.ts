@@ -123,6 +123,8 @@ export interface HelloResult {
   startedAt: string;
   root: string;
   mounts: number;
+  /** Bytes of inflated spans in the manager's memory cache (absent from managers before it was added). */
+  memoryCacheBytes?: number;
 }
 
 export interface MountParams {

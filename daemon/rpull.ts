@@ -63,9 +63,7 @@ import { ContainerdApiError, ContainerdClient, hasCode, type ContentInfo, type P
 import type { SnapshotsClient, ProtoInfo, ProtoMount } from './grpc-api.js';
 import { createHash } from 'node:crypto';
 
-export const DEFAULT_CONTAINERD_ADDRESS = '/run/containerd/containerd.sock';
-export const DEFAULT_NAMESPACE = 'default';
-export const DEFAULT_RPULL_SNAPSHOTTER = 'soci-ts';
+export { DEFAULT_CONTAINERD_ADDRESS, DEFAULT_NAMESPACE, DEFAULT_RPULL_SNAPSHOTTER, describeLayer } from './rpull-report.js';
 
 export const LABEL_SNAPSHOT_REF = 'containerd.io/snapshot.ref';
 export const LABEL_CRI_IMAGE_REF = 'containerd.io/snapshot/cri.image-ref';
@@ -281,10 +279,6 @@ function rfc3339(ms: number): string {
 
 function toProto(d: Descriptor): ProtoDescriptor {
   return { media_type: d.mediaType, digest: d.digest, size: d.size, annotations: d.annotations ?? {} };
-}
-
-function short(digest: string): string {
-  return digest.replace(/^sha256:/, '').slice(0, 12);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -660,21 +654,6 @@ function mb(b: number): string {
   return b >= 1e6 ? `${(b / 1e6).toFixed(1)} MB` : b >= 1e3 ? `${(b / 1e3).toFixed(1)} kB` : `${b} B`;
 }
 
-/** One line per layer for humans. */
-export function describeLayer(l: RpullLayer, count: number): string {
-  const what =
-    l.outcome === 'lazy'
-      ? 'lazy (mounted by the snapshotter)'
-      : l.outcome === 'local'
-        ? 'local (fetched and unpacked by the snapshotter)'
-        : l.outcome === 'present'
-        ? 'already present'
-        : l.blobInStore === true
-          ? 'applied (blob already in the content store)'
-          : `fetched (${mb(l.fetchedBytes)}) and applied`;
-  return `layer ${l.index + 1}/${count} ${short(l.digest)}: ${what}`;
-}
-
 /** The final one-line summary. */
 export function summarize(r: RpullResult): string {
   const n = (o: LayerOutcome): number => r.layers.filter((l) => l.outcome === o).length;
@@ -685,3 +664,29 @@ export function summarize(r: RpullResult): string {
   );
 }
 
+/** The result as `soci-ts rpull --json` prints it. */
+export function rpullResultJson(r: RpullResult): object {
+  return {
+    image: r.image,
+    namespace: r.namespace,
+    snapshotter: r.snapshotter,
+    target: r.target,
+    manifest: r.manifest.digest,
+    config: r.config.digest,
+    ...(r.platform === undefined ? {} : { platform: formatPlatform(r.platform) }),
+    chainId: r.chainId,
+    imageRecord: r.imageRecord,
+    fetchedBytes: r.fetchedBytes,
+    seconds: r.seconds,
+    layers: r.layers.map((l) => ({
+      digest: l.digest,
+      mediaType: l.mediaType,
+      size: l.size,
+      diffId: l.diffId,
+      chainId: l.chainId,
+      outcome: l.outcome,
+      fetchedBytes: l.fetchedBytes,
+      ...(l.blobInStore === undefined ? {} : { blobInStore: l.blobInStore }),
+    })),
+  };
+}

@@ -36,8 +36,7 @@ import {
 import type { SnapshotInfo, SnapshotKind } from './metadata.js';
 import { Snapshotter, type CallContext, type SnapshotterOptions } from './snapshotter.js';
 
-export const DEFAULT_ROOT = '/var/lib/soci-ts';
-export const DEFAULT_ADDRESS = '/run/soci-ts/soci-ts.sock';
+export { DEFAULT_ADDRESS, DEFAULT_ROOT } from './defaults.js';
 
 /** Infos per List stream message (containerd's snapshots service sends batches of 100 too). */
 export const LIST_BATCH = 100;

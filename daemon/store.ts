@@ -37,7 +37,8 @@ import {
   type SociIndexVersion,
 } from '../ztoc/index.js';
 
-export const DEFAULT_ROOT = '/var/lib/soci-ts';
+export { DEFAULT_ROOT } from './defaults.js';
+import { DEFAULT_ROOT } from './defaults.js';
 /** Temp files (and, with `gc({ orphanBlobs: true })`, unreferenced blobs) older than this are collected. */
 export const DEFAULT_GC_AGE_MS = 60 * 60 * 1000;
 export const DEFAULT_LOCK_TIMEOUT_MS = 30_000;

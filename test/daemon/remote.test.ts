@@ -520,9 +520,25 @@ t.test('Remove of the lazy snapshot: unmounted, spans released from the disk cac
   const ztocBlob = path.join(root, 'content', 'blobs', 'sha256', ztocDigest.slice('sha256:'.length));
   await t.resolves(access(ztocBlob), 'the zTOC is in the store');
   for (let i = chain.length - 1; i > bigN; i--) await c.remove(chain[i]!);
+  const helloBefore = await FuseManagerClient.connect(managerSocket).then(async (mc) => {
+    try {
+      return await mc.hello();
+    } finally {
+      mc.close();
+    }
+  });
+  t.ok((helloBefore.memoryCacheBytes ?? 0) > 0, `inflated spans of the read files are in the manager's memory (${helloBefore.memoryCacheBytes} bytes)`);
   t.equal(await grpcCode(c.remove(chain[bigN]!)), 'ok', 'Remove of the lazy snapshot');
   t.same(await mountsUnder(root), [], 'no FUSE mount left');
   t.same(await managerList(managerSocket), [], 'the FUSE manager serves nothing');
+  const helloAfter = await FuseManagerClient.connect(managerSocket).then(async (mc) => {
+    try {
+      return await mc.hello();
+    } finally {
+      mc.close();
+    }
+  });
+  t.equal(helloAfter.memoryCacheBytes, 0, "the layer's inflated spans left the memory cache with its last mount");
   const after = await spanFiles();
   t.same(digests.filter((d) => after.has(d)), [], "none of the layer's spans is left in the disk cache");
   await t.rejects(access(ztocBlob), 'the zTOC is gone from the store');
