@@ -5,7 +5,7 @@
  */
 import t, { type Test } from 'tap';
 import { execFile, fork } from 'node:child_process';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -21,17 +21,19 @@ import {
   ZtocError,
   type Ztoc,
 } from '../../ztoc/index.js';
+import { tarTv } from '../helpers/oracles.js';
 import type { FuzzJob, FuzzMessage } from './fuzz-extract-child.js';
 
 const run = promisify(execFile);
 const SCHEMA = join(process.cwd(), 'ztoc/fbs/ztoc.fbs');
+const ZINFO_SCHEMA = join(process.cwd(), 'ztoc/fbs/zinfo.fbs');
 const CHILD = fileURLToPath(new URL('./fuzz-extract-child.js', import.meta.url));
 
-async function flatcDecode(dir: string, bin: Uint8Array): Promise<Record<string, unknown>> {
-  const path = join(dir, 'z.bin');
+async function flatcDecode(dir: string, bin: Uint8Array, schema = SCHEMA, name = 'z'): Promise<Record<string, unknown>> {
+  const path = join(dir, `${name}.bin`);
   await writeFile(path, bin);
-  await run('flatc', ['--json', '--raw-binary', '--strict-json', '--defaults-json', '-o', dir, SCHEMA, '--', path]);
-  return JSON.parse(await readFile(join(dir, 'z.json'), 'utf8')) as Record<string, unknown>;
+  await run('flatc', ['--json', '--raw-binary', '--strict-json', '--defaults-json', '-o', dir, schema, '--', path]);
+  return JSON.parse(await readFile(join(dir, `${name}.json`), 'utf8')) as Record<string, unknown>;
 }
 
 let dir: string;
@@ -97,6 +99,50 @@ t.test('flatc decodes our zTOC with the project schema', async (t) => {
     }
   }
   t.pass('every entry matches field by field');
+});
+
+t.test('flatc decodes the zTOC of an uncompressed layer: fields against tar -tv, tar -xO and the file', async (t) => {
+  const spanSize = 64 << 10;
+  const z = await buildZtocFromFile(plain, { spanSize });
+  const json = await flatcDecode(dir, encodeZtoc(z), SCHEMA, 'plain');
+  const fileSize = (await stat(plain)).size;
+  const info = json.compression_info as Record<string, unknown>;
+  t.equal(info.compression_algorithm, 'Uncompressed');
+  t.equal(Number(json.compressed_archive_size), fileSize, 'compressed_archive_size is the file size');
+  // Past the two zero blocks that end the archive: GNU tar's block number of the first (-R).
+  const eof = /^block (\d+): \*\* Block of NULs \*\*$/m.exec((await run('tar', ['-tR', '-f', plain])).stdout);
+  t.ok(eof, 'tar -R shows the end of the archive');
+  t.equal(Number(json.uncompressed_archive_size), (Number(eof?.[1]) + 2) * 512, 'uncompressed_archive_size ends after the two zero blocks');
+  const spans = Math.ceil(fileSize / spanSize);
+  t.equal(info.max_span_id, spans - 1, `${spans} spans of ${spanSize} bytes over the file`);
+  const digests: string[] = [];
+  for (let k = 0; k < spans; k++) {
+    const { stdout } = await run('sh', ['-c', `dd if='${plain}' bs=${spanSize} skip=${k} count=1 status=none | sha256sum`]);
+    digests.push(`sha256:${stdout.slice(0, 64)}`);
+  }
+  t.same(info.span_digests, digests, 'span digests are sha256sum of each span of the file');
+  const zinfo = await flatcDecode(dir, Uint8Array.from(info.checkpoints as number[]), ZINFO_SCHEMA, 'plain-zinfo');
+  t.same({ version: zinfo.version, span_size: Number(zinfo.span_size), size: Number(zinfo.size) }, { version: 2, span_size: spanSize, size: fileSize }, 'checkpoints hold a TarZinfo (flatc, zinfo.fbs)');
+
+  // The file table against GNU tar, and each regular file's bytes at its offset against tar -xO.
+  const files = (json.toc as { metadata: Array<Record<string, unknown>> }).metadata;
+  const tv = await tarTv(plain);
+  t.equal(files.length, tv.length, 'as many entries as tar -tv');
+  const TYPES: Record<string, string> = { '-': 'reg', d: 'dir', l: 'symlink', h: 'hardlink', c: 'char', b: 'block', p: 'fifo' };
+  const got = files.map((f) => [f.name, f.type, Number(f.uncompressed_size), f.uid, f.gid, f.linkname || null]);
+  const want = tv.map((e) => [e.name, TYPES[e.type], e.size, e.uid, e.gid, e.link]);
+  t.same(got, want, 'names, types, sizes, owners and link targets equal tar -tv');
+  const regs = files.filter((f) => f.type === 'reg');
+  const listFile = join(dir, 'plain.names');
+  await writeFile(listFile, regs.map((f) => `${String(f.name)}\0`).join(''));
+  const extracted = await new Promise<Buffer>((resolve, reject) => {
+    execFile('tar', ['-xO', '--null', '--verbatim-files-from', '-T', listFile, '-f', plain], { encoding: 'buffer', maxBuffer: 1 << 28 }, (err, out) =>
+      err ? reject(err) : resolve(out),
+    );
+  });
+  const raw = await readFile(plain);
+  const atOffsets = Buffer.concat(regs.map((f) => raw.subarray(Number(f.uncompressed_offset), Number(f.uncompressed_offset) + Number(f.uncompressed_size))));
+  t.ok(regs.length > 5 && atOffsets.equals(extracted), `the bytes at each of ${regs.length} files' uncompressed_offset are what tar -xO extracts`);
 });
 
 t.test('we read a zTOC written by flatc from JSON', async (t) => {
