@@ -1,11 +1,12 @@
 /** The CLI as a user meets it: help, exit codes, one-line errors, JSON output. */
 import t from 'tap';
 import { spawn } from 'node:child_process';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { layer as cachedLayer, run, testCacheDir, type LayerSpec } from './helpers/layers.js';
 import { tarTv, unescapeTarName, type TarTvEntry } from './helpers/oracles.js';
+import { mountTmpfs } from './helpers/tmpfs.js';
 import type { FileMetadata } from '../ztoc/index.js';
 
 interface Result {
@@ -257,3 +258,22 @@ for (const l of listLayers) {
     if (l.xattrs) t.ok(tv.some((e) => e.xattrs.length > 0), 'the layer has xattrs to compare');
   });
 }
+
+// ---------------------------------------------------------------------------------------
+// Exit code 2
+
+t.test('exit 2: a failure that is not the user\'s input (the disk fills up while writing the zTOC)', async (t) => {
+  // The one real way to reach the internal-error path without a bug or a test hook: the
+  // machine fails under the command. A 16 KiB tmpfs cannot hold the 50 KiB zTOC.
+  const fs = await mountTmpfs(join(dir, 'full'), { sizeBytes: 16 << 10 });
+  t.teardown(() => fs.unmount());
+  const out = join(fs.dir, 'out.ztoc');
+  const r = await cli(['ztoc', 'build', await cachedLayer(cache, { tree: 'special', format: 'posix', compression: 'gzip-6' }), '-o', out]);
+  t.equal(r.code, 2, 'exit code 2');
+  t.match(r.stderr, /^soci-ts: internal error: .*ENOSPC/, 'says internal error, and why');
+  t.match(r.stderr, /\n\s+at /, 'with a stack');
+  t.equal(r.stdout, '', 'prints no result');
+  const left = await readdir(fs.dir);
+  t.notOk(left.includes('out.ztoc'), 'no zTOC at the output path (written atomically)');
+  t.same(left, [], { todo: 'writeAtomic (daemon/cli-util.ts) leaves its .out.ztoc.PID.tmp behind when the write fails' });
+});
