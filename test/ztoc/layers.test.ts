@@ -11,7 +11,7 @@
 import t, { type Test } from 'tap';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
@@ -25,6 +25,7 @@ import {
   LayerIndex,
   LayerReader,
   modeString,
+  paxValueBytes,
   type FileMetadata,
   type Ztoc,
 } from '../../ztoc/index.js';
@@ -298,3 +299,76 @@ async function spanDigestsOf(layerPath: string, index: LayerIndex): Promise<stri
   }
   return out;
 }
+
+/**
+ * `getfattr -d -m - -e hex -h -R .` in `dir`: every extended attribute of every path (namespaces
+ * user, trusted, security alike), as hex, by path relative to `dir`.
+ */
+async function getfattrDump(dir: string): Promise<Map<string, Map<string, string>>> {
+  const { stdout } = await run('getfattr', ['-d', '-m', '-', '-e', 'hex', '-h', '-R', '.'], { cwd: dir });
+  const out = new Map<string, Map<string, string>>();
+  let current: Map<string, string> | undefined;
+  for (const line of stdout.split('\n')) {
+    const file = /^# file: (.*)$/.exec(line);
+    if (file !== null) {
+      current = new Map();
+      out.set((file[1] ?? '').replace(/^\.\//, ''), current);
+    } else if (line !== '') {
+      const m = /^([^=]+)(?:=0x([0-9a-f]*))?$/.exec(line);
+      if (m === null || current === undefined) throw new Error(`unparsed getfattr line: ${line}`);
+      current.set(m[1] ?? '', m[2] ?? '');
+    }
+  }
+  return out;
+}
+
+t.test('xattrs: the zTOC holds what tar --xattrs -x restores (read back by getfattr)', async (t) => {
+  // Files with xattrs in three namespaces, text and binary values (a NUL, bytes >= 0x80, a
+  // newline and "=" in a value, an empty value, a 2000-byte one, a real capability), a
+  // directory with one; tarred by GNU tar as PAX SCHILY.xattr records.
+  const src = join(work, 'xattr-tree');
+  await mkdir(join(src, 'dir/inner'), { recursive: true });
+  const files: Record<string, Array<[string, string | null]>> = {
+    plain: [['user.x', 'hello world'], ['user.eq', 'a=b\nc'], ['user.empty', null]],
+    binary: [['user.bin', '0x00ff80c32800'], ['trusted.t', 'a trusted value']],
+    long: [['user.long', 'L'.repeat(2000)]],
+    cap: [['security.capability', '0x0100000200040000000000000000000000000000']],
+    none: [],
+    'dir/inner/file': [['user.deep', 'in a subdirectory']],
+  };
+  for (const [name, attrs] of Object.entries(files)) {
+    await writeFile(join(src, name), `content of ${name}\n`);
+    for (const [k, v] of attrs) await run('setfattr', v === null ? ['-n', k, join(src, name)] : ['-n', k, '-v', v, join(src, name)]);
+  }
+  await run('setfattr', ['-n', 'user.dir', '-v', 'on a directory', join(src, 'dir')]);
+  const tarPath = join(work, 'xattrs.tar');
+  await run('tar', ['--xattrs', '--xattrs-include=*', '--format=posix', '--sort=name', '-C', src, '-cf', tarPath, '.']);
+  const layerPath = `${tarPath}.gz`;
+  await run('gzip', ['-6', '-c'], { stdinFile: tarPath, stdoutFile: layerPath });
+
+  // The oracle: GNU tar restores the xattrs onto real files; getfattr reads them back.
+  const restored = join(work, 'xattr-restored');
+  await mkdir(restored, { recursive: true });
+  await run('tar', ['--xattrs', '--xattrs-include=*', '-C', restored, '-xf', layerPath]);
+  const oracle = await getfattrDump(restored);
+  t.ok(oracle.get('cap')?.has('security.capability') && oracle.get('binary')?.has('trusted.t'), 'tar restored security.* and trusted.* too');
+
+  for (const path of [layerPath, tarPath]) {
+    const z = await buildZtocFromFile(path, { spanSize: 1 << 16 });
+    const zt = decodeZtoc(encodeZtoc(z)); // as read back from the bytes
+    let compared = 0;
+    let withAttrs = 0;
+    for (const f of zt.files) {
+      const rel = f.name.replace(/^\.\//, '').replace(/\/$/, '') || '.';
+      const ours = Object.fromEntries(
+        f.paxRecords.filter(([k]) => k.startsWith('SCHILY.xattr.')).map(([k, v]) => [k.slice('SCHILY.xattr.'.length), Buffer.from(paxValueBytes(v)).toString('hex')]),
+      );
+      const theirs = Object.fromEntries(oracle.get(rel) ?? new Map<string, string>());
+      t.same(ours, theirs, `${path.endsWith('.gz') ? 'gzip' : 'tar'} ${rel}: xattrs equal getfattr's`);
+      compared++;
+      if (Object.keys(theirs).length > 0) withAttrs++;
+    }
+    t.equal(withAttrs, oracle.size, 'every path getfattr lists is an entry of the zTOC');
+    t.ok(compared > 6, `${compared} entries compared`);
+  }
+});

@@ -534,6 +534,45 @@ t.test('features seen in the GNU tar archives', async (tt) => {
   tt.equal(byName(v7, 'three-k').uncompressedSize, 3000, 'v7: size');
 });
 
+t.test('a base-256 size field in a real GNU tar: we and GNU tar read the same size and data', async (tt) => {
+  // A real archive by GNU tar, then the size field of its largest regular file rewritten in
+  // GNU's base-256 form (0x80, then the value big-endian in the other 11 bytes; GNU tar itself
+  // writes it only for files of 8 GiB and more) and the header checksum fixed.
+  const file = path.join(work, 'base256-size.tar');
+  gnuTar(['--format=gnu', '-C', '/', '-cf', file, 'usr/share/doc/tar', 'usr/share/doc/gzip']);
+  const buf = fs.readFileSync(file);
+  // Where the header is: GNU tar's own block numbers (-R), checked against the header's bytes.
+  const listed = gnuTar(['--numeric-owner', '-tvR', '-f', file]).toString('utf8').split('\n');
+  let best: { block: number; size: number; name: string } | undefined;
+  for (const line of listed) {
+    const m = /^block (\d+): -\S+ \S+ +(\d+) \S+ \S+ (\S+)$/.exec(line);
+    if (m !== null && (best === undefined || Number(m[2]) > best.size)) best = { block: Number(m[1]), size: Number(m[2]), name: m[3] };
+  }
+  if (best === undefined) throw new Error('no regular file in the archive');
+  const at = best.block * 512;
+  tt.equal(buf.toString('utf8', at, at + best.name.length), best.name, 'tar -R names the header block');
+  tt.equal(parseInt(buf.toString('latin1', at + 124, at + 135), 8), best.size, 'its size field is octal before the rewrite');
+  const field = Buffer.alloc(12);
+  field.writeBigUInt64BE(BigInt(best.size), 4);
+  field[0] = 0x80;
+  field.copy(buf, at + 124);
+  buf.fill(0x20, at + 148, at + 156);
+  let sum = 0;
+  for (let i = at; i < at + 512; i++) sum += buf[i];
+  buf.write(sum.toString(8).padStart(6, '0') + '\0 ', at + 148, 8, 'latin1');
+  fs.writeFileSync(file, buf);
+
+  // GNU tar reads it without complaint (execFileSync throws on a non-zero exit).
+  gnuTar(['-tf', file]);
+  const res = index(buf);
+  const e = res.entries.find((x) => x.name === best.name);
+  tt.equal(e?.uncompressedSize, best.size, 'our size from the base-256 field is the file\'s size');
+  tt.equal(e?.uncompressedOffset, at + 512, 'its data starts right after the header');
+  // Every entry's size, type, name ... against tar -tv, every file's data against tar -xO.
+  checkAgainstGnuTar(tt, file, res);
+  checkChunkings(tt, buf, res, false);
+});
+
 t.test('GNU tar sparse files are rejected', async (tt) => {
   for (const format of ['gnu', 'posix']) {
     const file = path.join(work, `sparse-${format}.tar`);
