@@ -2,7 +2,7 @@
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import type { LogLevel } from '../fetcher/index.js';
 import { DEFAULT_CERTS_DIR, DEFAULT_ROOT } from './defaults.js';
-import { rename, writeFile } from 'node:fs/promises';
+import { rename, unlink, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 
 /** Ends the CLI with this exit code after printing the message (a failure relayed from the serving child). */
@@ -47,8 +47,14 @@ export function parseCount(text: string): number {
 /** Write a file atomically: a crash leaves the old file or the new one, never half of one. */
 export async function writeAtomic(path: string, data: Uint8Array): Promise<void> {
   const tmp = join(dirname(path), `.${basename(path)}.${process.pid}.tmp`);
-  await writeFile(tmp, data);
-  await rename(tmp, path);
+  try {
+    await writeFile(tmp, data);
+    await rename(tmp, path);
+  } catch (err) {
+    // A full disk or a failed rename leaves no half-written temp file behind.
+    await unlink(tmp).catch(() => undefined);
+    throw err;
+  }
 }
 
 export function progress(label: string, total: number): ((n: number) => void) | undefined {

@@ -275,5 +275,5 @@ t.test('exit 2: a failure that is not the user\'s input (the disk fills up while
   t.equal(r.stdout, '', 'prints no result');
   const left = await readdir(fs.dir);
   t.notOk(left.includes('out.ztoc'), 'no zTOC at the output path (written atomically)');
-  t.same(left, [], { todo: 'writeAtomic (daemon/cli-util.ts) leaves its .out.ztoc.PID.tmp behind when the write fails' });
+  t.same(left, [], 'no temp file left behind by the failed write');
 });

@@ -578,7 +578,9 @@ t.test('an indexed image: every layer served by the snapshotter, no layer blob i
   const indexed = new Set(made.indexes[0]!.layers.filter((l) => l.ztoc !== undefined).map((l) => l.digest));
   t.ok(indexed.size >= 1, `${indexed.size} layer(s) have a zTOC (the others are below the minimum layer size)`);
 
-  const r = await rpullJson(t, ns, p.ref, [], ctd2);
+  // Through the snapshotter's control socket (ROOT/control.sock): the snapshotter pulls.
+  const r = await rpullJson(t, ns, p.ref, ['--root', root2], ctd2);
+  t.equal(daemon2.logLines().filter((l) => l.msg === 'rpull served for a client').length, 1, 'the snapshotter did the pull (rpull --root ROOT found its control socket)');
   const chain = chainIdsOf(multi);
   t.same(
     r.layers.map((l) => [l.digest, l.chainId, l.outcome, l.fetchedBytes]),
@@ -611,8 +613,27 @@ t.test('an indexed image: every layer served by the snapshotter, no layer blob i
   t.equal(got.size, want.size, 'ctr run: as many regular files as umoci unpack');
   t.same([...want].filter(([f, h]) => got.get(f) !== h).map(([f]) => f), [], 'every file has the content of the image, lazy layers included');
 
-  const again = await rpullJson(t, ns, p.ref, [], ctd2);
-  t.same(again.layers.map((l) => l.outcome), p.layers.map(() => 'present'), 'a second rpull: all present');
+  const again = await rpullJson(t, ns, p.ref, ['--root', root2, '--in-process'], ctd2);
+  t.same(again.layers.map((l) => l.outcome), p.layers.map(() => 'present'), 'a second rpull (--in-process): all present');
+  t.equal(daemon2.logLines().filter((l) => l.msg === 'rpull served for a client').length, 1, '--in-process: pulled in the CLI, not by the snapshotter');
+  const third = await rpullJson(t, ns, p.ref, ['--root', root2], ctd2);
+  const bare = (x: JsonResult): Record<string, unknown> => ({ ...x, seconds: 0 });
+  t.same(bare(third), bare(again), 'through the snapshotter: the same JSON result as in the CLI process (but the time)');
+
+  // Errors relayed from the snapshotter: the same one line and exit code as in the CLI's process.
+  for (const where of [['--in-process'], []]) {
+    const e = await sociTs(['rpull', '--root', root2, ...where, '--address', ctd2.address, '--namespace', ns, `${registry.host}/soci-ts-rpull/no-such-image:v1`]);
+    t.equal(e.code, 1, `${where.join(' ') || 'through the snapshotter'}: image not found, exit code 1`);
+    t.match(e.stderr, /^soci-ts: .*no-such-image:v1: manifest not found/, `names the image: ${e.stderr.trim()}`);
+    t.notOk(e.stderr.trimEnd().includes('\n'), 'one line');
+    const noSocket = await sociTs(['rpull', '--root', root2, ...where, '--address', join(dir, 'no-such.sock'), p.ref]);
+    t.equal(noSocket.code, 1, `${where.join(' ') || 'through the snapshotter'}: no containerd socket, exit code 1`);
+    t.match(noSocket.stderr, /no containerd socket there/, `says so: ${noSocket.stderr.trim()}`);
+  }
+  // The CLI's log lines come back from the snapshotter to its stderr.
+  const logged = await sociTs(['rpull', '--root', root2, '--log-level', 'debug', '--address', ctd2.address, '--namespace', ns, p.ref]);
+  t.equal(logged.code, 0, 'rpull --log-level debug through the snapshotter');
+  t.match(logged.stderr, /"msg":"lease created"/, 'its debug lines are on the CLI\'s stderr');
 });
 
 t.test('cri.image-layers stops before key + value exceed 4096 bytes (containerd getLayers)', async (t) => {
