@@ -15,6 +15,7 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { isLogLevel, jsonLogger, parseReference } from '../fetcher/index.js';
 import { DEFAULT_SPAN_SIZE } from '../ztoc/index.js';
 import { addRegistryOptions, setup, type RegistryOptions } from './cli-registry.js';
+import { AsyncFdSink } from './log-sink.js';
 import { parseSize, UsageError } from './cli-util.js';
 import { DEFAULT_ROOT } from './store.js';
 import { DEFAULT_MIN_LAYER_SIZE } from './workflow.js';
@@ -95,7 +96,19 @@ async function serveForeground(refText: string, dirText: string, opts: MountFlag
   const stop = stopSignal();
   // Keeps the process alive while it serves (signal handlers and FUSE threads alone may not).
   const keepAlive = setInterval(() => undefined, 1 << 30);
-  const { client, store, logger } = setup(opts);
+  // This process serves FUSE: its log lines (from FUSE reads too) must never block on stderr,
+  // which is the mount's log file in the background, or a pipe nobody may be reading.
+  const sink = await AsyncFdSink.open(2);
+  try {
+    await serveWith(refText, dirText, opts, stop, keepAlive, sink);
+  } finally {
+    // Lines of the unmount (or of a failed mount) reach the log before the process ends.
+    await sink.close(5000);
+  }
+}
+
+async function serveWith(refText: string, dirText: string, opts: MountFlags, stop: ReturnType<typeof stopSignal>, keepAlive: NodeJS.Timeout, sink: AsyncFdSink): Promise<void> {
+  const { client, store, logger } = setup(opts, sink);
   let m: ImageMount;
   try {
     parseReference(refText);

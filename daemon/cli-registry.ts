@@ -11,6 +11,7 @@ import {
   jsonLogger,
   parseReference,
   DEFAULT_HOSTS_DIR,
+  type LineSink,
   type Logger,
   type LogLevel,
 } from '../fetcher/index.js';
@@ -51,10 +52,10 @@ function addPlatformOptions(cmd: Command): Command {
     .option('--all-platforms', 'every platform of a multi-platform image');
 }
 
-/** The client, store and logger the registry options ask for. */
-export function setup(opts: RegistryOptions): { client: RegistryClient; store: ArtifactStore; logger: Logger } {
+/** The client, store and logger the registry options ask for; log lines go to `sink` (default stderr). */
+export function setup(opts: RegistryOptions, sink?: LineSink): { client: RegistryClient; store: ArtifactStore; logger: Logger } {
   if (!isLogLevel(opts.logLevel)) throw new UsageError(`--log-level: ${opts.logLevel} is not one of debug, info, warn, error`);
-  const logger = jsonLogger(opts.logLevel);
+  const logger = sink === undefined ? jsonLogger(opts.logLevel) : jsonLogger(opts.logLevel, sink);
   const client = new RegistryClient({
     hostsDir: opts.hostsDir,
     plainHttp: opts.plainHttp === true,

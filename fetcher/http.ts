@@ -237,6 +237,7 @@ export class Transport {
   readonly userAgent: string;
   readonly logger: Logger;
   private readonly agents = new Map<string, Promise<Agent>>();
+  private closed = false;
 
   constructor(opts: TransportOptions) {
     this.timeouts = { ...DEFAULT_TIMEOUTS, ...opts.timeouts };
@@ -285,6 +286,7 @@ export class Transport {
    * errors naming `subject`, marked transient.
    */
   async send(req: HttpRequest, subject: string): Promise<HttpResponse> {
+    if (this.closed) throw new NetworkError(subject, 'the registry client is closed');
     const dispatcher = await this.agent(req.tls, req.connectTimeoutMs ?? this.timeouts.connectMs);
     const headers: Record<string, string> = { 'user-agent': this.userAgent, ...req.headers };
     try {
@@ -302,6 +304,8 @@ export class Transport {
       res.body.on('error', () => undefined);
       return { status: res.statusCode, headers: res.headers, body: res.body };
     } catch (err) {
+      // Requests in flight when the client closed fail for good (not retried on new connections).
+      if (this.closed) throw new NetworkError(subject, 'the registry client is closed', { cause: err });
       throw mapNetworkError(err, subject, this.timeouts, req.tlsConfigFile);
     }
   }
@@ -361,7 +365,9 @@ export class Transport {
     });
   }
 
+  /** Closes every connection; requests in flight fail, and so does every later one (not retried). */
   async close(): Promise<void> {
+    this.closed = true;
     const agents = [...this.agents.values()];
     this.agents.clear();
     await Promise.all(agents.map(async (p) => (await p.catch(() => undefined))?.destroy().catch(() => undefined)));

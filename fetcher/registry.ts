@@ -282,7 +282,7 @@ export class RegistryClient {
     });
   }
 
-  /** Closes every connection. */
+  /** Closes every connection; requests in flight and later ones then fail (NetworkError, not retried). */
   close(): Promise<void> {
     return this.transport.close();
   }

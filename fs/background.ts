@@ -221,7 +221,10 @@ export class BackgroundFetcher {
     await Promise.all([...layer.pending]);
   }
 
-  /** Stops for good; resolves when every span in flight has settled (at most the span manager's fetch timeout). */
+  /**
+   * Stops for good; resolves promptly: spans in flight are abandoned (their fetches, shared with
+   * any read that needs them, end by the fetcher's own timeouts or when its client closes).
+   */
   async stop(): Promise<void> {
     if (!this.stopped) {
       this.stopped = true;
@@ -409,7 +412,7 @@ export class BackgroundFetcher {
     layer.pending.add(pending);
     let failed = false;
     try {
-      const fetched = await layer.spans.fetchToDisk(spanId);
+      const fetched = await layer.spans.fetchToDisk(spanId, this.abort.signal);
       if (fetched) {
         layer.stats.spansFetched++;
         layer.stats.bytesFetched += job.bytes;
@@ -425,6 +428,7 @@ export class BackgroundFetcher {
       }
     } catch (err) {
       failed = true;
+      if (this.stopped) return; // abandoned by stop(): not a failure of the registry
       layer.stats.failures++;
       this.sums.failures++;
       layer.failStreak++;

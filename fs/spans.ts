@@ -35,11 +35,14 @@ export class SpanReadError extends Error {
   readonly subject: string;
   /** The registry did not deliver within the fetch timeout (as opposed to a failed or bad fetch). */
   readonly timedOut: boolean;
-  constructor(subject: string, reason: string, options?: { cause?: unknown; timedOut?: boolean }) {
+  /** The caller stopped waiting (its AbortSignal), not a failure of the registry. */
+  readonly aborted: boolean;
+  constructor(subject: string, reason: string, options?: { cause?: unknown; timedOut?: boolean; aborted?: boolean }) {
     super(`${subject}: ${reason}`, options);
     this.name = 'SpanReadError';
     this.subject = subject;
     this.timedOut = options?.timedOut ?? false;
+    this.aborted = options?.aborted ?? false;
   }
 }
 
@@ -253,15 +256,18 @@ export class SpanManager {
    * Makes a span local (compressed on disk) without inflating it: for the background fetcher.
    * Resolves true when it was fetched now, false when it already was local, once the span is
    * on disk. Rejects with SpanReadError when the fetch fails or times out, when the disk store
-   * did not keep it (write error, span larger than the store), or when there is no disk store.
+   * did not keep it (write error, span larger than the store), or when there is no disk store;
+   * at once when `signal` aborts (`aborted`: the caller stops waiting; the fetch itself goes on,
+   * shared with any read that needs the span, and ends by the fetcher's own timeouts).
    */
-  async fetchToDisk(spanId: number): Promise<boolean> {
+  async fetchToDisk(spanId: number, signal?: AbortSignal): Promise<boolean> {
     if (this.local.has(spanId)) return false;
     const subject = `${this.layerDigest} span ${spanId}`;
     if (this.disk === undefined) throw new SpanReadError(subject, 'no disk store to fetch into');
+    if (signal?.aborted === true) throw new SpanReadError(subject, 'aborted', { aborted: true });
     const fetching = this.compressed(spanId);
     try {
-      await this.withTimeout(fetching, `span ${spanId}`);
+      await this.withTimeout(fetching, `span ${spanId}`, signal);
     } catch (err) {
       // As in read(): a retry must not join the stalled fetch again.
       if (err instanceof SpanReadError && err.timedOut && this.fetching.get(spanId) === fetching) this.fetching.delete(spanId);
@@ -272,19 +278,25 @@ export class SpanManager {
     return true;
   }
 
-  private async withTimeout<T>(p: Promise<T>, what: string): Promise<T> {
+  private async withTimeout<T>(p: Promise<T>, what: string, signal?: AbortSignal): Promise<T> {
     let timer: NodeJS.Timeout | undefined;
+    let onAbort: (() => void) | undefined;
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(
         () => reject(new SpanReadError(`${this.layerDigest} ${what}`, `no data from the registry within ${this.fetchTimeoutMs} ms`, { timedOut: true })),
         this.fetchTimeoutMs,
       );
       timer.unref();
+      if (signal !== undefined) {
+        onAbort = () => reject(new SpanReadError(`${this.layerDigest} ${what}`, 'aborted', { aborted: true }));
+        signal.addEventListener('abort', onAbort, { once: true });
+      }
     });
     try {
       return await Promise.race([p, timeout]);
     } finally {
       clearTimeout(timer);
+      if (onAbort !== undefined) signal?.removeEventListener('abort', onAbort);
     }
   }
 

@@ -20,7 +20,7 @@
 import t, { type Test } from 'tap';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { lstat, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { lstat, mkdir, mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { startRegistry, registryRequest, httpRequest } from './helpers/registry.js';
@@ -35,6 +35,7 @@ import { unpackLayer } from '../fs/index.js';
 import { ArtifactStore } from '../daemon/store.js';
 import type { MountState } from '../daemon/mount.js';
 import { runCli, type CliResult } from './helpers/cli.js';
+import { mountStallingFile } from './helpers/stall-fs.js';
 
 
 const work = await mkdtemp(path.join(tmpdir(), 'soci-ts-mount-'));
@@ -288,19 +289,23 @@ t.test('user errors: one line, exit 1, nothing mounted', async (t) => {
   });
 });
 
-t.test('--build-index in the foreground: every layer lazy, built on the fly, SIGTERM unmounts', async (t) => {
-  const root = path.join(work, 'build-root');
-  const fgDir = path.join(work, 'mnt-fg');
-  await mkdir(fgDir);
-  const child: ChildProcess = spawn(
-    'bin/soci-ts',
-    ['mount', `${proxy.host}/mount/noindex:${image.tag}`, fgDir, '--foreground', '--build-index', '--min-layer-size', '1', '--no-background-fetch', ...common(root)],
-    { env, stdio: ['ignore', 'pipe', 'pipe'] },
-  );
+interface Foreground {
+  child: ChildProcess;
+  /** The one line it prints once mounted (rejects if it exits first). */
+  line: Promise<string>;
+  /** Its exit code (null: killed by a signal). */
+  exited: Promise<number | null>;
+  /** What it wrote to stderr so far (when stderr is a pipe to us). */
+  stderr(): string;
+}
+
+/** `soci-ts mount ARGS --foreground` as a child process; `stderrFd` gives it that stderr instead of a pipe. */
+function foreground(args: string[], opts: { stderrFd?: number } = {}): Foreground {
+  const child: ChildProcess = spawn('bin/soci-ts', ['mount', ...args, '--foreground'], { env, stdio: ['ignore', 'pipe', opts.stderrFd ?? 'pipe'] });
   let stderr = '';
-  child.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
+  child.stderr?.on('data', (b: Buffer) => (stderr += b.toString()));
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
-  const line = await new Promise<string>((resolve, reject) => {
+  const line = new Promise<string>((resolve, reject) => {
     let out = '';
     child.stdout!.on('data', (b: Buffer) => {
       out += b.toString();
@@ -308,6 +313,62 @@ t.test('--build-index in the foreground: every layer lazy, built on the fly, SIG
     });
     void exited.then((code) => reject(new Error(`soci-ts mount --foreground exited ${code}: ${stderr}`)));
   });
+  line.catch(() => undefined);
+  return { child, line, exited, stderr: () => stderr };
+}
+
+t.test('no FUSE, no overlayfs: a clear message, exit 1, nothing mounted (in a mount namespace of its own)', async (t) => {
+  const root = path.join(work, 'nofuse-root');
+  const nDir = path.join(work, 'mnt-nofuse');
+  await mkdir(nDir);
+  // Runs soci-ts in a private mount namespace where SETUP has been done first (never the host's).
+  const isolated = (setup: string, args: string[]): Promise<CliResult> =>
+    runCli(args, { env, wrapper: ['unshare', '--mount', '--propagation', 'private', 'sh', '-ec', `${setup}; exec "$@"`, 'sh'] });
+
+  // No /dev/fuse: a tmpfs over /dev holding only null (what node and the spawns need).
+  const noFuse = await isolated('mount -t tmpfs -o mode=755 none /dev; mknod -m 666 /dev/null c 1 3', ['mount', `${reg.host}/mount/img:${image.tag}`, nDir, ...common(root)]);
+  t.equal(noFuse.code, 1, `exit 1 (${noFuse.stderr.trim()})`);
+  t.match(noFuse.stderr, /^soci-ts: \/dev\/fuse: not present: this kernel or container has no FUSE \(load the fuse module, or pass --device \/dev\/fuse\)\n$/, 'one line saying what is missing and what to do');
+
+  // No overlay filesystem: /proc/filesystems without it (fuse still listed).
+  const fake = path.join(work, 'filesystems-without-overlay');
+  await writeFile(fake, (await readFile('/proc/filesystems', 'utf8')).split('\n').filter((l) => !/\boverlay\b/.test(l)).join('\n'));
+  const noOverlay = await isolated(`mount --bind ${fake} /proc/filesystems`, ['mount', `${reg.host}/mount/img:${image.tag}`, nDir, ...common(root)]);
+  t.equal(noOverlay.code, 1, `exit 1 (${noOverlay.stderr.trim()})`);
+  t.match(noOverlay.stderr, /^soci-ts: \/proc\/filesystems: the kernel has no overlay filesystem, needed to stack the layers \(modprobe overlay, or a kernel with CONFIG_OVERLAY_FS\)\n$/, 'one line saying what is missing and what to do');
+
+  t.same(await mountsUnder(nDir, root), [], 'nothing mounted');
+  t.same(await readdir(nDir), [], 'DIR untouched');
+  const states = await readdir(path.join(root, 'mounts')).catch(() => [] as string[]);
+  t.same(states.filter((n) => !n.endsWith('.log')), [], 'no mount state left');
+});
+
+t.test('--build-index in the foreground: every layer lazy, built on the fly, SIGTERM unmounts', async (t) => {
+  const root = path.join(work, 'build-root');
+  const fgDir = path.join(work, 'mnt-fg');
+  await mkdir(fgDir);
+  proxy.resetStats();
+  const { child, line: linePromise, exited } = foreground([`${proxy.host}/mount/noindex:${image.tag}`, fgDir, '--build-index', '--min-layer-size', '1', '--no-background-fetch', ...common(root)]);
+  const line = await linePromise;
+  // Building the index streamed each layer once: by the time it is mounted (nothing read yet),
+  // every layer blob was asked for exactly once, whole, and no byte of it twice.
+  const blobReads = new Map<string, { gets: number; bytes: number }>();
+  for (const rec of proxy.stats.log) {
+    const m = /^\/v2\/mount\/noindex\/blobs\/(sha256:[0-9a-f]{64})$/.exec(rec.url.split('?')[0]!);
+    if (rec.method !== 'GET' || m === null) continue;
+    const layerDesc = image.layers.find((l) => l.digest === m[1]);
+    if (layerDesc === undefined) continue;
+    const r = /^bytes=(\d+)-(\d+)$/.exec(rec.range ?? '');
+    const got = blobReads.get(m[1]!) ?? { gets: 0, bytes: 0 };
+    got.gets++;
+    got.bytes += r === null ? layerDesc.size : Number(r[2]) - Number(r[1]) + 1;
+    blobReads.set(m[1]!, got);
+  }
+  t.same(
+    image.layers.map((l) => ({ layer: l.digest, ...(blobReads.get(l.digest) ?? { gets: 0, bytes: 0 }) })),
+    image.layers.map((l) => ({ layer: l.digest, gets: 1, bytes: l.size })),
+    `--build-index fetched each of the ${image.layers.length} layer blobs once, whole (requests and bytes asked for, through the proxy)`,
+  );
   t.match(line, /^mounted .* 5 layers lazily \(FUSE\), 0 layers unpacked; SOCI index sha256:[0-9a-f]{64} \(built\); served by pid \d+\n$/, 'every layer mounted lazily, with an index built now');
   const records = await new ArtifactStore({ root }).listIndexRecords({ imageManifestDigest: pushed.manifestDigest });
   t.equal(records.length, 1, 'the built index is kept in the store');
@@ -318,6 +379,68 @@ t.test('--build-index in the foreground: every layer lazy, built on the fly, SIG
   child.kill('SIGTERM');
   t.equal(await exited, 0, 'SIGTERM: unmounted and exit 0');
   t.same(await mountsUnder(fgDir, root), [], 'nothing left mounted');
+});
+
+t.test('--foreground: SIGINT unmounts cleanly and exits 0; the last log lines reach stderr', async (t) => {
+  const root = path.join(work, 'sigint-root');
+  const fgDir = path.join(work, 'mnt-sigint');
+  await mkdir(fgDir);
+  const fg = foreground([`${proxy.host}/mount/img:${image.tag}`, fgDir, '--no-background-fetch', '--log-level', 'info', ...common(root)]);
+  t.match(await fg.line, /^mounted .* 1 layer lazily \(FUSE\), 4 layers unpacked/, 'mounted');
+  const state = await stateOf(root);
+  t.equal(state.pid, fg.child.pid, 'served by the foreground process itself');
+  t.ok((await lstat(path.join(fgDir, 'bin/busybox'))).isFile(), 'the mount serves');
+  fg.child.kill('SIGINT');
+  t.equal(await fg.exited, 0, 'SIGINT: unmounted and exit 0');
+  t.same(await mountsUnder(fgDir, root), [], 'nothing left mounted');
+  t.same((await readdir(path.join(root, 'mounts'))).filter((n) => !n.endsWith('.log')), [], 'the mount state is gone');
+  const lines = fg.stderr().split('\n').filter((l) => l !== '').map((l) => JSON.parse(l) as { msg: string; signal?: string });
+  t.ok(lines.some((l) => l.msg === 'stop signal: unmounting' && l.signal === 'SIGINT'), 'it logged the signal');
+  t.equal(lines.at(-1)?.msg, 'image unmounted', 'and its last line, written after the unmount, was not lost');
+});
+
+t.test('the serving process never blocks on its log: stderr a file whose writes hang, the mount still comes up and serves', async (t) => {
+  const root = path.join(work, 'stall-log-root');
+  const fDir = path.join(work, 'mnt-stall-log');
+  await mkdir(fDir);
+  // A log file on a filesystem that stopped answering (served by this process; async calls only).
+  const logFs = await mountStallingFile(path.join(work, 'stall-log-fs'));
+  let fg: Foreground | undefined;
+  try {
+    const fh = await open(logFs.path, 'a');
+    fg = foreground([`${proxy.host}/mount/img:${image.tag}`, fDir, '--no-background-fetch', '--log-level', 'debug', ...common(root)], { stderrFd: fh.fd });
+    await fh.close();
+    const line = await Promise.race([fg.line, new Promise<string>((_, reject) => setTimeout(() => reject(new Error('no mount within 30 s: blocked writing its log?')), 30_000))]);
+    t.match(line, /^mounted .* 1 layer lazily/, 'mounted while its first log write still hangs');
+    t.equal(logFs.held(), 1, 'one write to the log is waiting (one writer, the lines behind it queued)');
+    // Reads through FUSE (files of the lazy layer) while the log is stuck.
+    const lazyFiles = names[image.layers.indexOf(bigLayer)]!.filter((n) => oracle.get(n)?.type === 'reg').slice(0, 20);
+    let right = 0;
+    for (const n of lazyFiles) {
+      const data = await readFile(path.join(fDir, n));
+      if (createHash('sha256').update(data).digest('hex') === oracle.get(n)!.sha256) right++;
+    }
+    t.equal(right, lazyFiles.length, `${lazyFiles.length} files of the lazy layer read right`);
+    fg.child.kill('SIGTERM');
+    logFs.release();
+    t.equal(await fg.exited, 0, 'SIGTERM: unmounted and exit 0');
+    t.same(await mountsUnder(fDir, root), [], 'nothing left mounted');
+    const msgs = logFs
+      .contents()
+      .toString('utf8')
+      .split('\n')
+      .filter((l) => l !== '')
+      .map((l) => (JSON.parse(l) as { msg: string }).msg);
+    t.ok(msgs.includes('image mounted'), `the lines queued behind the stuck write were written once it returned (${msgs.length} lines in ${logFs.writes()} writes)`);
+    t.equal(msgs.at(-1), 'image unmounted', 'up to the last one');
+  } finally {
+    logFs.release();
+    if (fg !== undefined && fg.child.exitCode === null) {
+      fg.child.kill('SIGKILL');
+      await fg.exited;
+    }
+    await logFs.unmount();
+  }
 });
 
 t.test('a crashed serving process: the next mount and umount clean up', async (t) => {
@@ -393,4 +516,50 @@ t.test('background fetch: after the quiet period every span is local; the mount 
   const u = await cli(['umount', bgDir, '--root', root]);
   t.equal(u.code, 0, u.stderr);
   t.same(await mountsUnder(bgDir, root), [], 'nothing left mounted');
+});
+
+t.test('umount while the registry stalls a background fetch and a read: prompt, clean, the reader gets an error', async (t) => {
+  const root = path.join(work, 'stall-root');
+  const sDir = path.join(work, 'mnt-stall');
+  await mkdir(sDir);
+  const r = await cli(['mount', `${proxy.host}/mount/img:${image.tag}`, sDir, '--log-level', 'info', ...common(root)]);
+  t.equal(r.code, 0, r.stderr);
+  const state = await stateOf(root);
+  const index = readZtoc((await registryRequest(reg, `/v2/mount/img/blobs/${big[0]!.ztoc}`)).body);
+  // A file of the lazy layer in a late span (the background fetch starts from the first).
+  const late = index.ztoc.files.find((f) => f.type === 'reg' && f.uncompressedSize > 0 && index.spanFor(f.uncompressedOffset) >= index.spans.length - 2 && oracle.get(norm(f.name))?.size === f.uncompressedSize);
+  t.ok(late, 'a file of the lazy layer in one of its last spans');
+  proxy.resetStats();
+  proxy.setOptions({ rate: 1, faults: ['stall'] });
+  try {
+    // The background fetch starts after its 10 s quiet period: wait for its first stalled request.
+    const blobPath = `/v2/mount/img/blobs/${bigLayer.digest}`;
+    const stalled = (): number => proxy.stats.log.filter((x) => x.method === 'GET' && x.url.split('?')[0] === blobPath && x.outcome === 'stall').length;
+    for (let i = 0; i < 300 && stalled() === 0; i++) await new Promise((res) => setTimeout(res, 100));
+    t.ok(stalled() > 0, `the background fetch has a request stalled (${stalled()})`);
+    // A reader in a child process (its read blocks in the kernel, waiting on the mount).
+    const reader = spawn('cat', [path.join(sDir, norm(late!.name))], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let readerErr = '';
+    reader.stderr.on('data', (b: Buffer) => (readerErr += b.toString()));
+    const readerDone = new Promise<number | null>((res) => reader.on('close', (code) => res(code)));
+    const before = stalled();
+    for (let i = 0; i < 100 && stalled() === before; i++) await new Promise((res) => setTimeout(res, 50));
+    t.ok(stalled() > before, 'the read is stalled too');
+    const t0 = Date.now();
+    const u = await cli(['umount', sDir, '--root', root]);
+    const ms = Date.now() - t0;
+    t.equal(u.code, 0, u.stderr);
+    t.match(u.stdout, /which unmounted and exited\)/, 'the serving process unmounted and exited by itself (not killed)');
+    t.ok(ms < 10_000, `umount took ${ms} ms (its --timeout is 30 s; the fetch timeout 30 s)`);
+    const code = await Promise.race([readerDone, new Promise<'hung'>((res) => setTimeout(() => res('hung'), 10_000))]);
+    t.not(code, 'hung', 'the reader did not hang');
+    t.not(code, 0, `the reader failed (exit ${String(code)})`);
+    t.match(readerErr, /Input\/output error|Transport endpoint is not connected/, `with EIO or ENOTCONN: ${readerErr.trim()}`);
+    t.ok(await waitDead(state.pid), 'the serving process is gone');
+    t.same(await mountsUnder(sDir, root), [], 'nothing left mounted (/proc/self/mountinfo)');
+    const log = await readFile(path.join(root, 'mounts', `${state.id}.log`), 'utf8');
+    t.match(log, /"msg":"image unmounted"/, 'its log ends with the unmount');
+  } finally {
+    proxy.setOptions({ rate: 0, faults: ['stall'] });
+  }
 });

@@ -7,8 +7,8 @@
  * - on-demand reads interleaved with it return the bytes `gzip -dc` gives, and while one is in
  *   flight the background starts nothing;
  * - a stalled registry: failures are logged once, retried, and the layer completes once the
- *   registry is back; stop() mid-way settles and nothing is requested after it; disabled means
- *   no request at all.
+ *   registry is back; stop() mid-way settles and nothing is requested after it; stop() with
+ *   fetches hanging returns at once; disabled means no request at all.
  */
 import t from 'tap';
 import { createHash } from 'node:crypto';
@@ -289,6 +289,28 @@ t.test('a stalled registry: failures logged once and retried; completes once the
   t.same(store.digests().sort(), zTocDigests(index), 'the store holds exactly the span digests');
   t.equal(lines.filter((l) => l.msg === 'background fetch of the layer works again').length, 1, 'recovery logged once');
   t.equal(lines.filter((l) => l.msg === 'layer is complete').length, 1, 'completion logged once');
+});
+
+t.test('stop() with spans in flight that do not arrive: returns at once, no failure counted or logged; the fetches still land', async (t) => {
+  const store = await freshStore();
+  const { logger, lines } = capturingLogger();
+  const src = registrySource();
+  // The first spans' requests hang (as at a stalled registry) until released.
+  const releases = index.spans.slice(0, 4).map((s) => src.hold(s.compressedStart));
+  const m = new SpanManager({ layerDigest: layer.digest, index, source: src, memory: new MapCache(), disk: store, fetchTimeoutMs: 60_000 });
+  const bg = fetcher({ rateBytesPerSec: Number.POSITIVE_INFINITY, concurrency: 2, logger });
+  bg.add(m);
+  await until(() => bg.totals().inFlight === 2, 10_000, 'two spans in flight');
+  const t0 = Date.now();
+  await bg.stop();
+  const ms = Date.now() - t0;
+  t.ok(ms < 1000, `stop() returned in ${ms} ms with two fetches hanging (fetch timeout 60 s)`);
+  t.same({ inFlight: bg.totals().inFlight, failures: bg.totals().failures }, { inFlight: 0, failures: 0 }, 'nothing in flight, no failure counted');
+  t.notOk(lines.some((l) => l.level === 'warn' || l.level === 'error'), 'nothing logged as a failure');
+  for (const r of releases) r();
+  await until(() => m.localSpans >= 2, 10_000, 'the abandoned fetches to reach the disk store');
+  t.ok(m.isLocal(0) && m.isLocal(1), 'the two spans it abandoned are on disk once the registry answered (shared fetches, not lost)');
+  t.equal(bg.totals().spansFetched, 0, 'and not counted as fetched by the stopped background');
 });
 
 t.test('disabled: no request at all; the off-switch turns it on and off', async (t) => {

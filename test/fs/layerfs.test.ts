@@ -3,23 +3,27 @@
  * (the oracle, with the overlay whiteout conversion containerd applies): every path's type,
  * mode, owner, size, mtime, symlink target, device numbers, xattrs, hardlink identity and
  * sha256. Then what a lazy mount promises: a small file costs only its spans, concurrent
- * readers get the right bytes whatever the cache size, a registry outage is EIO (never wrong
- * bytes, never a hang) and recovers, a flipped byte is caught, the disk cache survives a
- * remount, and an unmount with reads in flight completes.
+ * readers get the right bytes whatever the cache size, a registry outage (stalled, or its port
+ * closed) is EIO (never wrong bytes, never a hang) and recovers, a failing span is logged once, a
+ * flipped byte is caught (and logged as a digest mismatch), the disk cache survives a remount, an
+ * unmount with reads in flight completes, a directory of thousands of entries lists in full
+ * (against `tar -tf`), and another user reads through allow_other + default_permissions as on
+ * the `tar -x` copy.
  *
  * Everything here is async: this process serves the FUSE mounts it reads.
  */
 import t, { type Test } from 'tap';
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtemp, open, readFile, rm, stat } from 'node:fs/promises';
+import { chmod, mkdtemp, open, readdir, readFile, rm, stat } from 'node:fs/promises';
+import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { startRegistry } from '../helpers/registry.js';
 import { startFaultProxy } from '../helpers/fault-proxy.js';
-import { layer, run, testCacheDir, type LayerSpec } from '../helpers/layers.js';
+import { largeDirLayer, layer, run, testCacheDir, LARGE_DIR, LARGE_DIR_PERMS, type LayerSpec } from '../helpers/layers.js';
 import { compareTrees, snapshotTree, type TreeEntry } from '../helpers/tree.js';
-import { RegistryClient, type Descriptor } from '../../fetcher/index.js';
+import { jsonLogger, RegistryClient, type Descriptor, type Logger } from '../../fetcher/index.js';
 import { buildZtocFromFile, LayerIndex } from '../../ztoc/index.js';
 import { CompressedSpanStore, InflatedSpanCache, LayerFs, type LayerFsOptions } from '../../fs/index.js';
 
@@ -47,17 +51,22 @@ interface Pushed {
 
 const sha256 = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');
 
-/** Pushes a fixture layer as a blob, builds its zTOC and extracts it with GNU tar (the oracle). */
-async function pushLayer(spec: LayerSpec, spanSize: number): Promise<Pushed> {
-  const file = await layer(testCacheDir(), spec);
+/** Pushes a layer file as a blob and builds its zTOC. */
+async function pushBlob(file: string, gzip: boolean, spanSize: number): Promise<{ desc: Descriptor; index: LayerIndex }> {
   const bytes = await readFile(file);
   const desc: Descriptor = {
-    mediaType: spec.compression === 'none' ? 'application/vnd.oci.image.layer.v1.tar' : 'application/vnd.oci.image.layer.v1.tar+gzip',
+    mediaType: gzip ? 'application/vnd.oci.image.layer.v1.tar+gzip' : 'application/vnd.oci.image.layer.v1.tar',
     digest: `sha256:${sha256(bytes)}`,
     size: bytes.length,
   };
   await repo.pushBlob(desc, bytes);
-  const index = new LayerIndex(await buildZtocFromFile(file, { spanSize }), desc.digest);
+  return { desc, index: new LayerIndex(await buildZtocFromFile(file, { spanSize }), desc.digest) };
+}
+
+/** Pushes a fixture layer as a blob, builds its zTOC and extracts it with GNU tar (the oracle). */
+async function pushLayer(spec: LayerSpec, spanSize: number): Promise<Pushed> {
+  const file = await layer(testCacheDir(), spec);
+  const { desc, index } = await pushBlob(file, spec.compression !== 'none', spanSize);
   const oracle = path.join(work, `oracle-${spec.tree}-${spec.format}-${spec.compression}`);
   await run('mkdir', ['-p', oracle]);
   await run('tar', ['-xpf', file, '--same-owner', '--numeric-owner', '--xattrs', '--xattrs-include=*', '-C', oracle]);
@@ -240,22 +249,126 @@ t.test('registry outage: EIO within the timeout, then recovery; never wrong byte
   await unmount(m);
 });
 
+/** A logger that keeps its lines (parsed) for assertions. */
+function capturingLogger(): { logger: Logger; lines: Array<{ msg: string; span?: number; error?: unknown }> } {
+  const lines: Array<{ msg: string; span?: number; error?: unknown }> = [];
+  return { logger: jsonLogger('debug', { write: (l: string) => lines.push(JSON.parse(l) as { msg: string }) }), lines };
+}
+
 t.test('a flipped byte in a served span is caught by the span digest', async (tt) => {
-  const m = await mountLayer(usr, { fetchTimeoutMs: 2000, readAhead: false });
+  const log = capturingLogger();
+  const m = await mountLayer(usr, { fetchTimeoutMs: 2000, readAhead: false, logger: log.logger });
   const names = await smallFiles(usr, 4096);
   const name = names[Math.floor(names.length / 2)]!;
+  proxy.resetStats();
   proxy.setOptions({ rate: 1, faults: ['flip'] });
   const r = await readFile(path.join(m.mountpoint, name)).then(
     (b) => ({ ok: true as const, b }),
     (e: NodeJS.ErrnoException) => ({ ok: false as const, code: e.code }),
   );
   proxy.setOptions({ rate: 0 });
+  tt.ok(proxy.stats.faults.flip > 0, `the proxy flipped a byte in ${proxy.stats.faults.flip} responses`);
+  tt.same(r, { ok: false, code: 'EIO' }, 'every response corrupt: EIO, never the wrong bytes');
+  const caught = log.lines.filter((l) => l.msg === 'span fetch failed' && /do not match their digest/.test(JSON.stringify(l.error)));
+  tt.ok(caught.length > 0, `the mismatch was detected and logged (${JSON.stringify(caught[0]?.error)})`);
+  tt.ok(m.spans.counters.errors > 0, `and counted (${m.spans.counters.errors} read errors)`);
   const want = await readFile(path.join(usr.oracle, name));
-  if (r.ok) tt.ok(r.b.equals(want), 'if anything is returned, it is the right bytes');
-  else tt.equal(r.code, 'EIO', 'corrupt span: EIO, not wrong bytes');
   const again = await readFile(path.join(m.mountpoint, name));
   tt.ok(again.equals(want), 'the next read (clean registry) returns the right bytes');
   await unmount(m);
+});
+
+t.test('a failing span: every read gets EIO, the cause is logged once per span', async (tt) => {
+  const log = capturingLogger();
+  const m = await mountLayer(usr, { readAhead: false, logger: log.logger });
+  const names = await smallFiles(usr, 4096);
+  const name = names[Math.floor(names.length / 3)]!;
+  proxy.resetStats();
+  proxy.setOptions({ rate: 1, faults: ['status500'] });
+  let eio = 0;
+  for (let i = 0; i < 5; i++) {
+    const code = await readFile(path.join(m.mountpoint, name)).then(
+      () => 'ok',
+      (e: NodeJS.ErrnoException) => e.code,
+    );
+    if (code === 'EIO') eio++;
+  }
+  proxy.setOptions({ rate: 0 });
+  tt.equal(eio, 5, 'five reads, five EIOs');
+  tt.ok(proxy.stats.faults.status500 >= 5, `the registry failed ${proxy.stats.faults.status500} requests`);
+  const failed = log.lines.filter((l) => l.msg === 'span fetch failed');
+  const spans = [...new Set(failed.map((l) => l.span))];
+  tt.ok(spans.length >= 1, `the failure was logged (spans ${spans.join(', ')})`);
+  tt.equal(failed.length, spans.length, `once per span (${failed.length} lines for ${spans.length} span(s), ${m.spans.counters.errors} failed reads)`);
+  tt.match(JSON.stringify(failed[0]?.error), /500/, 'naming the cause (HTTP 500)');
+  const got = await readFile(path.join(m.mountpoint, name));
+  tt.ok(got.equals(await readFile(path.join(usr.oracle, name))), 'the registry back: the read succeeds');
+  await unmount(m);
+});
+
+/** A TCP forwarder to the registry on a port of its own: closed, that port refuses connections; opened again, it forwards. */
+async function forwarder(target: number): Promise<{ port: number; close(): Promise<void>; open(): Promise<void> }> {
+  let server: net.Server | undefined;
+  const sockets = new Set<net.Socket>();
+  let port = 0;
+  const open = async (): Promise<void> => {
+    const s = net.createServer((down) => {
+      const up = net.connect(target, '127.0.0.1');
+      for (const x of [down, up]) {
+        sockets.add(x);
+        x.on('close', () => sockets.delete(x));
+        x.on('error', () => undefined);
+      }
+      down.on('close', () => up.destroy());
+      up.on('close', () => down.destroy());
+      down.pipe(up).pipe(down);
+    });
+    await new Promise<void>((resolve, reject) => {
+      s.once('error', reject);
+      s.listen(port, '127.0.0.1', () => resolve());
+    });
+    port = (s.address() as net.AddressInfo).port;
+    server = s;
+  };
+  const close = async (): Promise<void> => {
+    const s = server;
+    server = undefined;
+    for (const x of sockets) x.destroy();
+    if (s !== undefined) await new Promise<void>((resolve) => s.close(() => resolve()));
+  };
+  await open();
+  return { port, close, open };
+}
+
+t.test('a refused connection (registry gone, port closed): EIO within the fetch timeout; it recovers when the registry is back', async (tt) => {
+  const fwd = await forwarder(reg.port);
+  const c = new RegistryClient({ hostsDir: '', timeouts: { connectMs: 1000, firstByteMs: 1000, idleMs: 1000 }, retry: { attempts: 2, baseDelayMs: 10 } });
+  try {
+    const direct = c.repository(`127.0.0.1:${fwd.port}/fs/layerfs:latest`);
+    const log = capturingLogger();
+    const m = await mountLayer(usr, { fetchTimeoutMs: 3000, readAhead: false, logger: log.logger, source: { read: (offset, length, digest) => direct.readRange(usr.desc, offset, length, { digest }) } });
+    const names = await smallFiles(usr, 4096);
+    const name = names[Math.floor((names.length * 2) / 3)]!;
+    await fwd.close();
+    const refused = await new Promise<string>((resolve) => {
+      const s = net.connect(fwd.port, '127.0.0.1');
+      s.on('connect', () => (s.destroy(), resolve('connected')));
+      s.on('error', (e: NodeJS.ErrnoException) => resolve(e.code ?? 'error'));
+    });
+    tt.equal(refused, 'ECONNREFUSED', 'the port refuses connections');
+    const t0 = Date.now();
+    await tt.rejects(readFile(path.join(m.mountpoint, name)), { code: 'EIO' }, 'a read: EIO');
+    const ms = Date.now() - t0;
+    tt.ok(ms < 3000 + 1000, `within the fetch timeout (${ms} ms; timeout 3000 ms)`);
+    tt.ok(log.lines.some((l) => l.msg === 'span fetch failed' && /ECONNREFUSED/.test(JSON.stringify(l.error))), 'the cause logged: ECONNREFUSED');
+    await fwd.open();
+    const got = await readFile(path.join(m.mountpoint, name));
+    tt.ok(got.equals(await readFile(path.join(usr.oracle, name))), 'the registry back on its port: the same read succeeds with the right bytes');
+    await unmount(m);
+  } finally {
+    await fwd.close();
+    await c.close();
+  }
 });
 
 t.test('the disk cache survives a remount: no request for spans already fetched', async (tt) => {
@@ -303,6 +416,62 @@ t.test('unmount with reads in flight completes, and the readers get an error', a
   proxy.setOptions({ rate: 0 });
   const mountinfo = await readFile('/proc/self/mountinfo', 'utf8');
   tt.notOk(mountinfo.includes(m.mountpoint), 'the mountpoint is gone from mountinfo');
+});
+
+/** The large-directory layer (helpers/layers.ts), pushed and indexed once. */
+let largeDir: Promise<{ file: string; desc: Descriptor; index: LayerIndex }> | undefined;
+const largeDirPushed = (): Promise<{ file: string; desc: Descriptor; index: LayerIndex }> =>
+  (largeDir ??= largeDirLayer(testCacheDir()).then(async (file) => ({ file, ...(await pushBlob(file, true, 1 << 20)) })));
+
+t.test('a directory of several thousand entries: the full listing, as tar -tf has it', async (tt) => {
+  const { file, desc, index } = await largeDirPushed();
+  // The oracle: GNU tar's own listing of the layer, entries directly in the directory.
+  const listing = (await run('tar', ['--quoting-style=literal', '-tf', file], { env: { ...process.env, LC_ALL: 'C' } })).stdout.split('\n');
+  const prefix = `./${LARGE_DIR}/`;
+  const want = listing.filter((n) => n.startsWith(prefix) && n.length > prefix.length && !n.slice(prefix.length).replace(/\/$/, '').includes('/')).map((n) => n.slice(prefix.length).replace(/\/$/, ''));
+  want.sort();
+  tt.ok(want.length >= 2000, `the layer's directory has ${want.length} entries`);
+  const m = await mountLayer({ file, desc, index, oracle: '' });
+  const dir = path.join(m.mountpoint, LARGE_DIR);
+  const got = (await readdir(dir)).sort();
+  tt.equal(got.length, want.length, `readdir returns ${got.length} names`);
+  tt.same(got, want, 'the same names as tar -tf');
+  // Another process (ls: getdents64 with its own buffer size, so the listing is read in many
+  // pieces at offsets), twice: the same list each time.
+  for (const round of [1, 2]) {
+    const ls = (await run('ls', ['-1', '-f', '--quoting-style=literal', dir], { env: { ...process.env, LC_ALL: 'C' } })).stdout.split('\n').filter((n) => n !== '' && n !== '.' && n !== '..');
+    tt.same(ls.sort(), want, `ls -f (round ${round}): the same names`);
+  }
+  const st = await stat(path.join(dir, want[want.length - 1]!)).catch((e: NodeJS.ErrnoException) => e.code);
+  tt.not(typeof st, 'string', 'the last entry of the listing resolves');
+  await unmount(m);
+});
+
+t.test('another user reads through allow_other + default_permissions exactly as on the tar -x copy', async (tt) => {
+  const { file, desc, index } = await largeDirPushed();
+  const oracle = path.join(work, 'oracle-perms');
+  await run('mkdir', ['-p', oracle]);
+  await run('tar', ['-xpf', file, '--same-owner', '--numeric-owner', '-C', oracle, './private']);
+  // The paths to the mount and the oracle must be traversable by that user.
+  await chmod(work, 0o755);
+  await chmod(oracle, 0o755);
+  const m = await mountLayer({ file, desc, index, oracle });
+  const asNobody = async (p: string): Promise<{ code: number; out: string; err: string }> => {
+    const r = await run('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'sha256sum', p], { okCodes: [0, 1] });
+    return { code: r.code, out: r.stdout.split(' ')[0] ?? '', err: r.stderr.replace(p, 'FILE').trim() };
+  };
+  for (const q of [LARGE_DIR_PERMS.open, LARGE_DIR_PERMS.secret]) {
+    const st = await stat(path.join(oracle, q));
+    tt.same([st.uid, (st.mode & 0o777).toString(8)], [0, q === LARGE_DIR_PERMS.open ? '644' : '600'], `${q}: root-owned, mode as named (in the oracle)`);
+    const mine = await asNobody(path.join(m.mountpoint, q));
+    const theirs = await asNobody(path.join(oracle, q));
+    tt.same(mine, theirs, `uid 65534 reading ${q}: the same outcome as on the oracle (exit ${theirs.code}${theirs.err === '' ? '' : `, ${theirs.err}`})`);
+  }
+  tt.equal((await asNobody(path.join(m.mountpoint, LARGE_DIR_PERMS.open))).code, 0, 'the 0644 file reads');
+  tt.match((await asNobody(path.join(m.mountpoint, LARGE_DIR_PERMS.secret))).err, /Permission denied/, 'the 0600 one: EACCES');
+  const rootRead = await run('sha256sum', [path.join(m.mountpoint, LARGE_DIR_PERMS.secret)]);
+  tt.equal(rootRead.stdout.split(' ')[0], (await asNobody(path.join(m.mountpoint, LARGE_DIR_PERMS.open))).out, 'root reads the 0600 one (same content as the 0644 copy)');
+  await unmount(m);
 });
 
 t.test('mount errors: a non-empty mountpoint', async (tt) => {

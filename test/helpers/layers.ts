@@ -736,3 +736,61 @@ export function edgeLayer(cacheDir: string, kind: EdgeLayerKind): Promise<string
     }
   });
 }
+
+// ---------------------------------------------------------------------------------------
+// A layer with one large directory
+
+/** Bump when largeDirLayer's recipe changes. */
+const LARGE_DIR_VERSION = 2;
+/** The directory of the large-directory layer holding every entry (`./many`). */
+export const LARGE_DIR = 'many';
+/** Two more files of that layer, root-owned copies of a real file: mode 0644 and mode 0600. */
+export const LARGE_DIR_PERMS = Object.freeze({ open: 'private/open-0644', secret: 'private/secret-0600' });
+
+/**
+ * A gzip layer whose directory `many/` holds several thousand entries made from this machine's
+ * files: a copy of every file of at most 8 KiB under /usr/share/doc, named by its path there
+ * (`pkg--copyright`, `/` → `--`), and a symlink for every name in /usr/bin (to that file).
+ * Names of real length and character sets, in no convenient order. Also LARGE_DIR_PERMS (for
+ * permission checks as another user). Cached under `cacheDir`.
+ */
+export async function largeDirLayer(cacheDir: string): Promise<string> {
+  const treeDir = await cached(path.join(cacheDir, `tree-large-dir-v${LARGE_DIR_VERSION}`), async (tmp) => {
+    const dir = path.join(tmp, LARGE_DIR);
+    await fsp.mkdir(dir, { recursive: true });
+    const copy = async (from: string): Promise<void> => {
+      let names: string[];
+      try {
+        names = (await fsp.readdir(from)).sort();
+      } catch {
+        return;
+      }
+      for (const name of names) {
+        const p = path.join(from, name);
+        const st = await fsp.lstat(p).catch(() => undefined);
+        if (st === undefined) continue;
+        if (st.isDirectory()) await copy(p);
+        else if (st.isFile() && st.size <= 8192) {
+          const flat = path.relative('/usr/share/doc', p).split(path.sep).join('--');
+          if (Buffer.byteLength(flat) <= 255) await fsp.copyFile(p, path.join(dir, flat)).catch(() => undefined);
+        }
+      }
+    };
+    await copy('/usr/share/doc');
+    for (const name of (await fsp.readdir('/usr/bin').catch(() => [] as string[])).sort()) {
+      await fsp.symlink(path.join('/usr/bin', name), path.join(dir, `bin-${name}`)).catch(() => undefined);
+    }
+    const n = (await fsp.readdir(dir)).length;
+    await fsp.mkdir(path.join(tmp, 'private'), { mode: 0o755 });
+    for (const [rel, mode] of [[LARGE_DIR_PERMS.open, 0o644], [LARGE_DIR_PERMS.secret, 0o600]] as const) {
+      await fsp.copyFile('/usr/share/common-licenses/GPL-3', path.join(tmp, rel)).catch(() => fsp.writeFile(path.join(tmp, rel), `${rel}\n`));
+      await fsp.chmod(path.join(tmp, rel), mode);
+      await fsp.chown(path.join(tmp, rel), 0, 0);
+    }
+    await fsp.chmod(path.join(tmp, 'private'), 0o755);
+    await fsp.chmod(tmp, 0o755);
+    if (n < 2000) throw new FixtureUnavailableError('/usr/share/doc', `only ${n} entries for the large directory (want at least 2000 from /usr/share/doc and /usr/bin)`);
+  });
+  const tarPath = await makeTar(treeDir, path.join(cacheDir, `large-dir-gnu-v${LARGE_DIR_VERSION}.tar`), 'gnu');
+  return compress(tarPath, path.join(cacheDir, `large-dir-gnu-gzip-6-v${LARGE_DIR_VERSION}.tar.gz`), 'gzip-6');
+}
