@@ -17,6 +17,9 @@ export type ControlHandlers = {
   [M in keyof ControlMethods]: (params: Record<string, unknown>, ctx: ControlContext) => Promise<ControlMethods[M]['result']>;
 };
 
+/** How long a connection may stay without sending its request. */
+const REQUEST_WAIT_MS = 10_000;
+
 export interface ControlServerOptions {
   socket: string;
   logger: Logger;
@@ -69,6 +72,10 @@ export class ControlServer {
       ac.abort(new Error('the client went away'));
     });
     sock.on('error', (err) => this.opts.logger.debug('control connection error', { error: err }));
+    // A client that connects and says nothing does not hold a connection for ever.
+    sock.setTimeout(REQUEST_WAIT_MS, () => {
+      if (!started) sock.destroy();
+    });
     const send = (line: ControlLine): void => {
       if (!sock.destroyed) sock.write(JSON.stringify(line) + '\n');
     };
@@ -83,6 +90,7 @@ export class ControlServer {
       (line) => {
         if (started) return;
         started = true;
+        sock.setTimeout(0);
         let req: { method?: unknown; params?: unknown };
         try {
           req = JSON.parse(line) as typeof req;
