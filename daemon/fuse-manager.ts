@@ -171,7 +171,11 @@ export class FuseManager {
       rateBytesPerSec: bg.rateBytesPerSec,
       startDelayMs: bg.startDelayMs,
       logger,
-      onLayerComplete: (st) => sink?.layerComplete(st.layerDigest),
+      onLayerComplete: (st) => {
+        // The span gauges too, at once (the periodic update may be seconds away).
+        sink?.backgroundProgress(st.layerDigest, st.spansLocal, st.spansTotal);
+        sink?.layerComplete(st.layerDigest);
+      },
     });
     const server = createServer();
     const identity = await identityP;

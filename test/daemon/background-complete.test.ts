@@ -1,0 +1,80 @@
+/**
+ * A lazily mounted layer that the FUSE manager's background fetcher brings home: once every
+ * span is local, the snapshotter's metrics endpoint says so (`soci_ts_layer_complete{layer} 1`,
+ * `soci_ts_layer_spans_local` = `soci_ts_layer_spans`), the manager logs it, and the disk cache
+ * holds every span of the zTOC, each file named by the sha256 of its bytes (re-hashed here), so
+ * an operator can tell the container no longer depends on the registry. Real docker-registry,
+ * `soci-ts create --push`, `soci-ts snapshotter` with its FUSE manager and metrics endpoint.
+ */
+import t from 'tap';
+import { status } from '@grpc/grpc-js';
+import { createHash } from 'node:crypto';
+import { mkdtemp, readdir, readFile, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
+import { SnapshotsClient } from '../../daemon/grpc-api.js';
+import { readZtoc } from '../../ztoc/index.js';
+import { value } from '../helpers/exposition.js';
+import { defaultImages } from '../helpers/images.js';
+import { registryRequest, startRegistry } from '../helpers/registry.js';
+import { pushIndexed, scrapeDaemon } from '../helpers/remote.js';
+import { startSnapshotter, stopFuseManager, unmountUnder } from '../helpers/snapshotter.js';
+import { run } from '../helpers/layers.js';
+
+const work = await mkdtemp(path.join(tmpdir(), 'soci-ts-bg-complete-'));
+const root = path.join(work, 'root');
+const address = path.join(work, 'soci-ts.sock');
+const config = path.join(work, 'config.toml');
+await writeFile(config, `hosts_dir = ""\n[background_fetch]\nenabled = true\nstart_delay = "0s"\nrate = "256MiB"\n`);
+const registry = await startRegistry();
+t.teardown(async () => {
+  await stopFuseManager(root);
+  await unmountUnder(work);
+  await registry.stop();
+  await run('rm', ['-rf', '--one-file-system', '--', work]).catch(() => undefined);
+});
+
+const { multi } = await defaultImages();
+const { pushed, layer: indexed, layerIndex } = await pushIndexed(registry, multi, 'bg/multi', path.join(work, 'create-store'));
+const ztoc = readZtoc((await registryRequest(registry, `/v2/bg/multi/blobs/${indexed.ztoc}`)).body);
+const spanDigests = ztoc.ztoc.compressionInfo.spanDigests;
+
+t.test('every span fetched in the background: the metric, the log and the disk cache agree', async (t) => {
+  const d = await startSnapshotter({ root, address, args: ['--config', config, '--metrics-address', '127.0.0.1:0'], startTimeoutMs: 60_000 });
+  t.teardown(() => d.stop());
+  const c = await SnapshotsClient.connect(address);
+  t.teardown(() => c.close());
+  const target = `sha256:${'5'.repeat(64)}`;
+  const labels = {
+    'containerd.io/snapshot.ref': target,
+    'containerd.io/snapshot/cri.image-ref': pushed.ref,
+    'containerd.io/snapshot/cri.manifest-digest': pushed.manifestDigest,
+    'containerd.io/snapshot/cri.layer-digest': indexed.digest,
+    'containerd.io/snapshot/cri.image-layers': multi.layers.slice(layerIndex).map((l) => l.digest).join(','),
+  };
+  await t.rejects(c.prepare(`extract ${target}`, '', labels), { code: status.ALREADY_EXISTS }, 'the layer is served lazily');
+
+  let complete: number | undefined;
+  let fams = await scrapeDaemon(d);
+  for (const end = Date.now() + 120_000; Date.now() < end; ) {
+    fams = await scrapeDaemon(d);
+    complete = value(fams, 'soci_ts_layer_complete', { layer: indexed.digest, process: 'fuse-manager' });
+    if (complete === 1) break;
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  t.equal(complete, 1, 'soci_ts_layer_complete{layer} is 1');
+  t.equal(value(fams, 'soci_ts_layer_spans', { layer: indexed.digest, process: 'fuse-manager' }), spanDigests.length, 'soci_ts_layer_spans: the zTOC\'s span count');
+  t.equal(value(fams, 'soci_ts_layer_spans_local', { layer: indexed.digest, process: 'fuse-manager' }), spanDigests.length, 'every span local');
+
+  const onDisk = new Map<string, string>();
+  const dir = path.join(root, 'cache', 'spans');
+  for (const sub of await readdir(dir)) {
+    for (const f of await readdir(path.join(dir, sub)).catch(() => [] as string[])) {
+      onDisk.set(`sha256:${f}`, createHash('sha256').update(await readFile(path.join(dir, sub, f))).digest('hex'));
+    }
+  }
+  t.same(spanDigests.filter((s) => !onDisk.has(s)), [], 'the disk cache holds every span of the zTOC');
+  t.same([...onDisk].filter(([name, sum]) => `sha256:${sum}` !== name).map(([n]) => n), [], 'each span file hashes to its name (the span digest)');
+  const log = await readFile(path.join(root, 'fuse-manager.log'), 'utf8');
+  t.ok(log.split('\n').some((l) => l.includes(indexed.digest) && l.includes('"msg":"layer is complete')), 'the manager logged that the layer is complete');
+});
