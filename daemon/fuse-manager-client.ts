@@ -28,6 +28,7 @@ const CALL_TIMEOUT_MS: Record<MethodName, number> = {
   status: 30_000,
   release: 60_000,
   metrics: 30_000,
+  preload: 60_000,
 };
 
 interface Pending {

@@ -28,8 +28,8 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { isAbsolute } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { FetcherError, type Descriptor, type Logger, type RegistryClient, type Repository } from '../fetcher/index.js';
-import { BackgroundFetcher, CompressedSpanStore, FuseError, InflatedSpanCache, SpanReadError, type LayerFs, type LayerFsOptions } from '../fs/index.js';
-import { readZtoc } from '../ztoc/index.js';
+import { BackgroundFetcher, CompressedSpanStore, FuseError, InflatedSpanCache, InodeTable, SpanReadError, type LayerFs, type LayerFsOptions } from '../fs/index.js';
+import { readZtoc, type LayerIndex } from '../ztoc/index.js';
 import { DiscoverError, loadZtoc } from './discover.js';
 import {
   descriptorProblem,
@@ -41,7 +41,9 @@ import {
   type ManagedMount,
   type MethodName,
   type MountParams,
+  type PreloadParams,
   type UnmountParams,
+  type WireDescriptor,
   type UnmountResult,
 } from './fuse-protocol.js';
 import { isNoSpace } from './errdefs.js';
@@ -85,6 +87,19 @@ export interface FuseManagerOptions {
   onIdle?: () => void;
 }
 
+/** zTOCs preloaded at once, at most; and how long one waits for its mount. */
+const PRELOAD_MAX = 32;
+const PRELOAD_TTL_MS = 120_000;
+
+interface Preloaded {
+  index: LayerIndex;
+  inodes: InodeTable;
+}
+
+function wireToDescriptor(w: WireDescriptor): Descriptor {
+  return { mediaType: w.mediaType, digest: w.digest, size: w.size, ...(w.urls !== undefined ? { urls: w.urls } : {}) };
+}
+
 interface Entry {
   fs: LayerFs;
   params: MountParams;
@@ -124,6 +139,7 @@ export class FuseManager {
   private stopping: Promise<void> | undefined;
   private progressTimer: NodeJS.Timeout | undefined;
   private idleTimer: NodeJS.Timeout | undefined;
+  private readonly preloaded = new Map<string, Promise<Preloaded>>();
 
   private constructor(
     private readonly opts: FuseManagerOptions,
@@ -302,7 +318,45 @@ export class FuseManager {
       }
       case 'metrics':
         return this.metrics();
+      case 'preload':
+        return this.preload(checkPreloadParams(p));
     }
+  }
+
+  /**
+   * Parses a zTOC and builds its inode table now (the snapshotter asks while an image's first
+   * layers are being prepared), so that its mount only mounts. Kept until that mount (or a
+   * while); at most PRELOAD_MAX at once.
+   */
+  private async preload(params: PreloadParams): Promise<{ preloaded: boolean }> {
+    if (this.preloaded.has(params.ztoc.digest)) return { preloaded: true };
+    if (this.preloaded.size >= PRELOAD_MAX) return { preloaded: false };
+    const log = this.opts.logger.child({ layer: params.layer.digest });
+    const p = (async (): Promise<Preloaded> => {
+      const repo = this.opts.client.repository(params.imageRef);
+      const index = await loadZtoc(repo, wireToDescriptor(params.ztoc), wireToDescriptor(params.layer), { store: this.opts.store, logger: log });
+      return { index, inodes: InodeTable.fromLayer(index) };
+    })();
+    this.preloaded.set(params.ztoc.digest, p);
+    const timer = setTimeout(() => {
+      if (this.preloaded.get(params.ztoc.digest) === p) this.preloaded.delete(params.ztoc.digest);
+    }, PRELOAD_TTL_MS);
+    timer.unref();
+    try {
+      await p;
+      return { preloaded: true };
+    } catch (err) {
+      if (this.preloaded.get(params.ztoc.digest) === p) this.preloaded.delete(params.ztoc.digest);
+      throw toManagerError(err, params.ztoc.digest);
+    }
+  }
+
+  /** The preloaded zTOC (and inode table) of `digest`, taken (a mount uses it once), or undefined. */
+  private async takePreloaded(digest: string): Promise<Preloaded | undefined> {
+    const p = this.preloaded.get(digest);
+    if (p === undefined) return undefined;
+    this.preloaded.delete(digest);
+    return p.catch(() => undefined);
   }
 
   // ---------------------------------------------------------------- operations
@@ -383,7 +437,8 @@ export class FuseManager {
       }
       const layerDesc: Descriptor = { mediaType: layer.mediaType, digest: layer.digest, size: layer.size, ...(layer.urls !== undefined ? { urls: layer.urls } : {}) };
       const ztocDesc: Descriptor = { mediaType: params.ztoc.mediaType, digest: params.ztoc.digest, size: params.ztoc.size };
-      const ztoc = await loadZtoc(repo, ztocDesc, layerDesc, { store: this.opts.store, logger: log });
+      const pre = await this.takePreloaded(ztocDesc.digest);
+      const ztoc = pre?.index ?? (await loadZtoc(repo, ztocDesc, layerDesc, { store: this.opts.store, logger: log }));
       const sink = this.sink;
       const digest = layer.digest;
       const disk = this.disk;
@@ -391,6 +446,7 @@ export class FuseManager {
         repo,
         layer: layerDesc,
         ztoc,
+        ...(pre !== undefined ? { inodes: pre.inodes } : {}),
         mountpoint,
         memory: this.memory,
         disk:
@@ -420,7 +476,7 @@ export class FuseManager {
       this.mounts.set(mountpoint, { fs, params, mountedAt: new Date().toISOString(), mountMs });
       this.background.add(fs.spans);
       sink?.mountLatency(digest, mountMs);
-      log.info('layer mounted lazily', { image: params.imageRef, ztoc: params.ztoc.digest, spans: fs.spans.spanCount, local: fs.spans.localSpans, ms: mountMs, tag: params.tag });
+      log.info('layer mounted lazily', { image: params.imageRef, ztoc: params.ztoc.digest, spans: fs.spans.spanCount, local: fs.spans.localSpans, ms: mountMs, preloaded: pre !== undefined, tag: params.tag });
       return this.describe(mountpoint, false);
     });
   }
@@ -554,6 +610,15 @@ function checkMountParams(p: Record<string, unknown>): MountParams {
   }
   if (p.tag !== undefined && typeof p.tag !== 'string') throw new FuseManagerError('invalid', mountpoint, 'tag must be a string');
   return { mountpoint, imageRef: p.imageRef, layer: p.layer as MountParams['layer'], ztoc: p.ztoc as MountParams['ztoc'], ...(p.tag !== undefined ? { tag: p.tag as string } : {}) };
+}
+
+function checkPreloadParams(p: Record<string, unknown>): PreloadParams {
+  if (typeof p.imageRef !== 'string' || p.imageRef === '') throw new FuseManagerError('invalid', '', 'imageRef must be an image reference');
+  for (const k of ['layer', 'ztoc'] as const) {
+    const problem = descriptorProblem(p[k], k);
+    if (problem !== undefined) throw new FuseManagerError('invalid', '', problem);
+  }
+  return { imageRef: p.imageRef, layer: p.layer as PreloadParams['layer'], ztoc: p.ztoc as PreloadParams['ztoc'] };
 }
 
 function checkUnmountParams(p: Record<string, unknown>): UnmountParams {

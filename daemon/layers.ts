@@ -60,6 +60,8 @@ export interface LazyLayerOptions extends LayerObserver {
   repo: Repository;
   layer: Descriptor;
   ztoc: LayerIndex;
+  /** The zTOC's inode table, when built beforehand. */
+  inodes?: LayerFsOptions['inodes'];
   mountpoint: string;
   memory: LayerFsOptions['memory'];
   disk?: LayerFsOptions['disk'];
@@ -74,6 +76,7 @@ export function mountLazyLayer(opts: LazyLayerOptions): Promise<LayerFs> {
     mountpoint: opts.mountpoint,
     layerDigest: layer.digest,
     index: opts.ztoc,
+    inodes: opts.inodes,
     source: {
       read: async (offset, length, digest) => {
         try {

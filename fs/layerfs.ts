@@ -66,6 +66,8 @@ export interface LayerFsOptions {
   layerDigest: string;
   /** The layer's zTOC. */
   index: LayerIndex;
+  /** The inode table of `index`, when built beforehand (InodeTable.fromLayer(index)). */
+  inodes?: InodeTable;
   /** Compressed bytes of the layer blob (the registry). */
   source: SpanSource;
   /** Inflated spans, shared by every layer of the process. */
@@ -216,7 +218,7 @@ export class LayerFs {
   /** Builds the layer's inode table and mounts it at `opts.mountpoint`. */
   static async mount(opts: LayerFsOptions): Promise<LayerFs> {
     await checkFuse();
-    const table = InodeTable.fromLayer(opts.index);
+    const table = opts.inodes ?? InodeTable.fromLayer(opts.index);
     await mkdir(opts.mountpoint, { recursive: true }).catch((err: unknown) => {
       throw new FuseError('mount-failed', opts.mountpoint, 'cannot create the mountpoint', { cause: err });
     });

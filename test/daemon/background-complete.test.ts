@@ -13,6 +13,7 @@ import { mkdtemp, readdir, readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { SnapshotsClient } from '../../daemon/grpc-api.js';
+import { FuseManagerClient } from '../../daemon/fuse-manager-client.js';
 import { readZtoc } from '../../ztoc/index.js';
 import { value } from '../helpers/exposition.js';
 import { defaultImages } from '../helpers/images.js';
@@ -36,7 +37,8 @@ t.teardown(async () => {
 
 const { multi } = await defaultImages();
 const { pushed, layer: indexed, layerIndex } = await pushIndexed(registry, multi, 'bg/multi', path.join(work, 'create-store'));
-const ztoc = readZtoc((await registryRequest(registry, `/v2/bg/multi/blobs/${indexed.ztoc}`)).body);
+const ztocBytes = (await registryRequest(registry, `/v2/bg/multi/blobs/${indexed.ztoc}`)).body;
+const ztoc = readZtoc(ztocBytes);
 const spanDigests = ztoc.ztoc.compressionInfo.spanDigests;
 
 t.test('every span fetched in the background: the metric, the log and the disk cache agree', async (t) => {
@@ -52,7 +54,22 @@ t.test('every span fetched in the background: the metric, the log and the disk c
     'containerd.io/snapshot/cri.layer-digest': indexed.digest,
     'containerd.io/snapshot/cri.image-layers': multi.layers.slice(layerIndex).map((l) => l.digest).join(','),
   };
+  // The snapshotter preloads zTOCs it fetched ahead; here by hand: the mount then only mounts.
+  for (let i = 0; i < 600 && !d.logLines().some((l) => l.msg === 'FUSE manager: started'); i++) await new Promise((r) => setTimeout(r, 100));
+  const mc = await FuseManagerClient.connect(path.join(root, 'fuse-manager.sock'));
+  t.teardown(() => mc.close());
+  const wireOf = (d: { mediaType: string; digest: string; size: number }): { mediaType: string; digest: string; size: number } => ({ mediaType: d.mediaType, digest: d.digest, size: d.size });
+  const layerDesc = pushed.layers[layerIndex]!;
+  const ztocDesc = { mediaType: 'application/octet-stream', digest: indexed.ztoc, size: ztocBytes.length };
+  await t.rejects(
+    mc.call('preload', { imageRef: pushed.ref, layer: wireOf(layerDesc), ztoc: { ...ztocDesc, digest: `sha256:${'0'.repeat(64)}` } }),
+    { name: 'FuseManagerError' },
+    'preload of a zTOC the registry does not have: an error',
+  );
+  t.same(await mc.call('preload', { imageRef: pushed.ref, layer: wireOf(layerDesc), ztoc: ztocDesc }), { preloaded: true }, 'preload of the layer\'s zTOC');
   await t.rejects(c.prepare(`extract ${target}`, '', labels), { code: status.ALREADY_EXISTS }, 'the layer is served lazily');
+  const mountedLine = (await readFile(path.join(root, 'fuse-manager.log'), 'utf8')).split('\n').find((l) => l.includes('"msg":"layer mounted lazily"'));
+  t.match(mountedLine, /"preloaded":true/, 'the mount used the preloaded zTOC and inode table');
 
   let complete: number | undefined;
   let fams = await scrapeDaemon(d);
