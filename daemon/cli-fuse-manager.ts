@@ -9,6 +9,39 @@ import { FuseManager } from './fuse-manager.js';
 import { DEFAULT_LOG_FILES, DEFAULT_LOG_MAX_BYTES, RotatingLogFile } from './log-file.js';
 import { createMetrics } from './metrics.js';
 import { ArtifactStore } from './store.js';
+import { closeSync, readdirSync, readFileSync } from 'node:fs';
+
+const O_CLOEXEC = 0o2000000;
+
+/**
+ * Closes the file descriptors this process inherited beyond stdio (a systemd-activated socket,
+ * a pipe of whoever started the snapshotter): the manager outlives its parent, and a pipe it
+ * held open would keep the parent's parent waiting for EOF, a socket would stay in use. Node
+ * and libuv open everything with O_CLOEXEC, so a descriptor without it was inherited. At
+ * start, before anything is served (sync calls are fine here). Returns the closed fds.
+ */
+export function closeInheritedFds(): number[] {
+  const closed: number[] = [];
+  let fds: string[];
+  try {
+    fds = readdirSync('/proc/self/fd');
+  } catch {
+    return closed;
+  }
+  for (const name of fds) {
+    const fd = Number(name);
+    if (!Number.isInteger(fd) || fd <= 2) continue;
+    try {
+      const flags = /^flags:\s+([0-7]+)$/m.exec(readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'));
+      if (flags === null || (parseInt(flags[1]!, 8) & O_CLOEXEC) !== 0) continue;
+      closeSync(fd);
+      closed.push(fd);
+    } catch {
+      // gone meanwhile (the directory's own fd), or not ours to close
+    }
+  }
+  return closed;
+}
 
 interface Flags {
   root: string;
@@ -79,6 +112,7 @@ export function fuseManagerCommand(): Command {
     .addOption(new Option('--log-max-size <size>', 'with --log-file: rotate before the file grows past this').argParser(parseSize).default(DEFAULT_LOG_MAX_BYTES, '10MiB'))
     .addOption(new Option('--log-files <n>', 'with --log-file: rotated files kept (FILE.1 … FILE.N)').argParser(files).default(DEFAULT_LOG_FILES))
     .action(async (f: Flags) => {
+      const inherited = closeInheritedFds();
       // Written asynchronously (a synchronous write to a file on stderr would stall FUSE requests).
       const logFile = f.logFile !== undefined ? await RotatingLogFile.open({ path: f.logFile, maxBytes: f.logMaxSize, keep: f.logFiles }) : undefined;
       const logger = jsonLogger(f.logLevel, logFile ?? process.stderr, { component: 'fuse-manager' });
@@ -93,6 +127,7 @@ export function fuseManagerCommand(): Command {
         logger,
         onRetry: (e) => metrics.retry(e.operation, e.cause),
       });
+      if (inherited.length > 0) logger.debug('closed inherited file descriptors', { fds: inherited });
       const store = new ArtifactStore({ root: f.root });
       // Keeps the process alive while it serves (FUSE threads alone may not).
       const keepAlive = setInterval(() => undefined, 1 << 30);

@@ -366,6 +366,11 @@ export class RemoteSnapshots {
     if (this.client !== undefined && !this.client.closed) return Promise.resolve(this.client);
     this.connecting ??= (async () => {
       const r = await connectOrStartFuseManager(this.deps.settings.manager, this.log);
+      if (this.closed) {
+        // Shut down while the manager was starting: a connection kept now would keep the process alive.
+        r.client.close();
+        throw new FuseManagerError('unavailable', '', 'the snapshotter is shutting down');
+      }
       const before = this.instance;
       this.client = r.client;
       this.instance = r.hello.instance;
@@ -857,6 +862,13 @@ export class RemoteSnapshots {
     if (this.reconnectTimer !== undefined) clearTimeout(this.reconnectTimer);
     if (this.sweepTimer !== undefined) clearInterval(this.sweepTimer);
     await this.downloads.close();
+    // A manager start in flight (the one at start, say) finishes first, then its connection is closed.
+    const connecting = this.connecting;
+    if (connecting !== undefined) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([connecting.catch(() => undefined), new Promise<void>((r) => (timer = setTimeout(r, 10_000)))]);
+      clearTimeout(timer);
+    }
     this.client?.close();
     this.client = undefined;
   }

@@ -85,3 +85,23 @@ t.test('without --idle-exit (0, the default for a manager started by hand) it ke
   m.child.kill('SIGTERM');
   t.equal(await m.exited, 0, 'SIGTERM: exit code 0');
 });
+
+t.test('descriptors inherited beyond stdio are closed at start (a pipe of the parent gets its EOF)', async (t) => {
+  const root = path.join(work, 'inherit');
+  await mkdir(root, { recursive: true });
+  const socket = path.join(root, 'fuse-manager.sock');
+  // fd 200 of the manager: the write end of a pipe without O_CLOEXEC, as a parent's leaked fd
+  // is (Node marks the stdio it passes beyond 2, and low inherited fds, close-on-exec; not 200).
+  const child = spawn('/bin/bash', ['-c', 'exec 200>&3 3>&-; exec "$@"', 'sh', SOCI_TS_BIN, 'fuse-manager', '--root', root, '--socket', socket, '--hosts-dir', '', '--no-background', '--log-file', path.join(root, 'log')], {
+    stdio: ['ignore', 'ignore', 'ignore', 'pipe'],
+  });
+  t.teardown(() => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  });
+  const extra = child.stdio[3] as NodeJS.ReadableStream;
+  extra.resume();
+  const ended = new Promise<boolean>((resolve) => extra.once('end', () => resolve(true)));
+  t.ok(await Promise.race([ended, sleep(30_000).then(() => false)]), 'the pipe reached EOF: the manager no longer holds it');
+  t.equal(child.exitCode, null, 'while the manager runs on');
+  child.kill('SIGTERM');
+});
