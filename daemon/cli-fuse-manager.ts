@@ -156,25 +156,21 @@ export function fuseManagerCommand(): Command {
         throw err;
       }
       await new Promise<void>((resolve) => {
-        const onSignal = (sig: NodeJS.Signals): void => {
-          logger.info('stop signal: unmounting every layer', { signal: sig, mounts: manager.size });
+        const stop = (): void => {
           process.off('SIGTERM', onSignal);
           process.off('SIGINT', onSignal);
           manager.stop().then(resolve, (e: unknown) => {
             logger.error('shutdown failed', { error: e });
             resolve();
           });
+        };
+        const onSignal = (sig: NodeJS.Signals): void => {
+          logger.info('stop signal: unmounting every layer', { signal: sig, mounts: manager.size });
+          stop();
         };
         process.on('SIGTERM', onSignal);
         process.on('SIGINT', onSignal);
-        idle = () => {
-          process.off('SIGTERM', onSignal);
-          process.off('SIGINT', onSignal);
-          manager.stop().then(resolve, (e: unknown) => {
-            logger.error('shutdown failed', { error: e });
-            resolve();
-          });
-        };
+        idle = stop;
         // A hangup (the terminal that started it is gone) is not a reason to stop serving.
         process.on('SIGHUP', () => logger.info('SIGHUP ignored'));
       });

@@ -9,7 +9,7 @@ import { Command, Option } from 'commander';
 import type { Socket } from 'node:net';
 import { addRegistryOptions, ExitCodeError, type RegistryOptions } from './cli-util.js';
 import { callControl, connectControl, ControlConnectionError, ControlRequestError, controlSocketPath, type RpullRequest } from './control.js';
-import { DEFAULT_CONTAINERD_ADDRESS, DEFAULT_NAMESPACE, DEFAULT_RPULL_SNAPSHOTTER, describeLayer } from './rpull-report.js';
+import { DEFAULT_CONTAINERD_ADDRESS, DEFAULT_NAMESPACE, DEFAULT_RPULL_SNAPSHOTTER, describeLayer, mb } from './rpull-report.js';
 import type { RpullEvent } from './rpull.js';
 
 interface Flags extends RegistryOptions {
@@ -21,9 +21,6 @@ interface Flags extends RegistryOptions {
   inProcess?: boolean;
 }
 
-function mb(n: number): string {
-  return n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : n >= 1e3 ? `${(n / 1e3).toFixed(1)} kB` : `${n} B`;
-}
 
 /** Per-layer progress on a terminal's stderr (nothing otherwise). */
 function terminalProgress(): ((e: RpullEvent) => void) | undefined {

@@ -86,13 +86,14 @@ Metrics of both processes are served together at GET /metrics on the metrics add
       if (remoteSnapshots !== undefined) endpoint?.addSource({ name: 'fuse-manager', collect: () => remoteSnapshots.managerMetrics() });
       // ---- end of hooks
       // `soci-ts rpull` asks this warm process to pull (ROOT/control.sock); without it, rpull pulls in its own process.
+      const controlSocket = controlSocketPath(config.root);
       const control = await ControlServer.start({
-        socket: controlSocketPath(config.root),
+        socket: controlSocket,
         logger,
         handlers: { rpull: rpullHandler(logger, registryTuning(config)) },
         isUserError: isRpullServiceUserError,
       }).catch((err: unknown) => {
-        logger.warn('control socket not served: soci-ts rpull pulls in its own process', { socket: controlSocketPath(config.root), error: err });
+        logger.warn('control socket not served: soci-ts rpull pulls in its own process', { socket: controlSocket, error: err });
         return undefined;
       });
       if (control !== undefined) setTimeout(() => void warmContainerdCodecs().catch(() => undefined), 100).unref();

@@ -1,10 +1,10 @@
 /** The server side of the snapshotter's control socket (see control.ts for the protocol). */
-import { chmod, unlink } from 'node:fs/promises';
+import { unlink } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Logger } from '../fetcher/index.js';
 import { LineSplitter } from './fuse-protocol.js';
 import type { ControlLine, ControlMethods } from './control.js';
-import { prepareSocketPath } from './server.js';
+import { listenOwnerOnly, prepareSocketPath } from './server.js';
 
 /** A request's context: where its events and log lines go, and its abort signal (the client left). */
 export interface ControlContext {
@@ -50,15 +50,7 @@ export class ControlServer {
     const server = createServer();
     const self = new ControlServer(server, opts);
     server.on('connection', (s) => self.serve(s));
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      // Connecting needs write permission, which the usual umask (022) leaves to the owner; chmod makes it owner-only.
-      server.listen(opts.socket, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
-    await chmod(opts.socket, 0o600);
+    await listenOwnerOnly(server, opts.socket);
     server.on('error', (err) => opts.logger.error('control socket error', { socket: opts.socket, error: err }));
     return self;
   }

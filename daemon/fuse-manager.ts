@@ -23,7 +23,7 @@
  * mount(8)/umount(8) and /proc reads are asynchronous.
  */
 import { randomUUID } from 'node:crypto';
-import { chmod, unlink } from 'node:fs/promises';
+import { unlink } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { isAbsolute } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -51,7 +51,7 @@ import { mountLazyLayer } from './layers.js';
 import { safeSink, type MetricsSink } from './metrics-sink.js';
 import type { ArtifactStore } from './store.js';
 import { detach, mountsUnder, runCommand } from './sysmount.js';
-import { prepareSocketPath } from './server.js';
+import { listenOwnerOnly, prepareSocketPath } from './server.js';
 import { buildIdentity, type BuildIdentity } from './version.js';
 
 export interface BackgroundSettings {
@@ -197,14 +197,7 @@ export class FuseManager {
     const identity = await identityP;
     const self = new FuseManager(opts, server, disk, memory, background, sink, identity);
     server.on('connection', (s) => self.serve(s));
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(opts.socket, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
-    await chmod(opts.socket, 0o600);
+    await listenOwnerOnly(server, opts.socket);
     server.on('error', (err) => logger.error('FUSE manager socket error', { error: err }));
     logger.info('FUSE manager serving', { socket: opts.socket, root: opts.root, pid: process.pid, instance: self.instance, version: identity.version, build: identity.build, protocol: identity.protocol });
     self.checkIdle();
@@ -435,8 +428,8 @@ export class FuseManager {
       } catch (err) {
         throw new FuseManagerError('invalid', params.imageRef, `not an image reference: ${message(err)}`, { cause: err });
       }
-      const layerDesc: Descriptor = { mediaType: layer.mediaType, digest: layer.digest, size: layer.size, ...(layer.urls !== undefined ? { urls: layer.urls } : {}) };
-      const ztocDesc: Descriptor = { mediaType: params.ztoc.mediaType, digest: params.ztoc.digest, size: params.ztoc.size };
+      const layerDesc = wireToDescriptor(layer);
+      const ztocDesc = wireToDescriptor(params.ztoc);
       const pre = await this.takePreloaded(ztocDesc.digest);
       const ztoc = pre?.index ?? (await loadZtoc(repo, ztocDesc, layerDesc, { store: this.opts.store, logger: log }));
       const sink = this.sink;

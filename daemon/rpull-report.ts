@@ -12,7 +12,8 @@ function short(digest: string): string {
   return digest.replace(/^sha256:/, '').slice(0, 12);
 }
 
-function mb(b: number): string {
+/** Bytes for humans: B, kB or MB. */
+export function mb(b: number): string {
   return b >= 1e6 ? `${(b / 1e6).toFixed(1)} MB` : b >= 1e3 ? `${(b / 1e3).toFixed(1)} kB` : `${b} B`;
 }
 

@@ -64,6 +64,7 @@ import type { SnapshotsClient, ProtoInfo, ProtoMount } from './grpc-api.js';
 import { createHash } from 'node:crypto';
 
 export { DEFAULT_CONTAINERD_ADDRESS, DEFAULT_NAMESPACE, DEFAULT_RPULL_SNAPSHOTTER, describeLayer } from './rpull-report.js';
+import { mb } from './rpull-report.js';
 
 export const LABEL_SNAPSHOT_REF = 'containerd.io/snapshot.ref';
 export const LABEL_CRI_IMAGE_REF = 'containerd.io/snapshot/cri.image-ref';
@@ -650,9 +651,6 @@ async function* countBytes(source: AsyncIterable<Uint8Array>, add: (n: number) =
   }
 }
 
-function mb(b: number): string {
-  return b >= 1e6 ? `${(b / 1e6).toFixed(1)} MB` : b >= 1e3 ? `${(b / 1e3).toFixed(1)} kB` : `${b} B`;
-}
 
 /** The final one-line summary. */
 export function summarize(r: RpullResult): string {

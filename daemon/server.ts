@@ -12,7 +12,7 @@
  */
 import * as grpc from '@grpc/grpc-js';
 import { chmod, lstat, mkdir, unlink } from 'node:fs/promises';
-import { connect } from 'node:net';
+import { connect, type Server as NetServer } from 'node:net';
 import { dirname } from 'node:path';
 import type { Logger } from '../fetcher/index.js';
 import { grpcCodeOf, invalidArgument, SnapshotterError } from './errdefs.js';
@@ -85,6 +85,21 @@ export function socketAnswers(path: string): Promise<boolean> {
     s.once('error', () => done(false));
     s.setTimeout(2000, () => done(false));
   });
+}
+
+/**
+ * Listens on unix socket `path` and makes it owner-only (0600: connecting needs write
+ * permission, which the usual umask leaves to the owner already).
+ */
+export async function listenOwnerOnly(server: NetServer, path: string): Promise<void> {
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(path, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+  await chmod(path, 0o600);
 }
 
 /** Removes a stale socket file; refuses a live socket or a file that is not a socket. */

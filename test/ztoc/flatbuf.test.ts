@@ -3,6 +3,7 @@
  * same schema): flatc decodes what we write, we decode what flatc writes, and
  * a fuzzed zTOC never crashes or hangs the reader.
  */
+import { seededRandom } from '../helpers/random.js';
 import t, { type Test } from 'tap';
 import { execFile, fork } from 'node:child_process';
 import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
@@ -185,16 +186,6 @@ t.test('we read a zTOC written by flatc from JSON', async (t) => {
   t.same({ ...back, buildToolIdentifier: ztoc.buildToolIdentifier }, ztoc);
 });
 
-/** A seeded generator so a failure can be replayed. */
-function seeded(seed: number): (n: number) => number {
-  let s = seed >>> 0 || 1;
-  return (n) => {
-    s ^= s << 13;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    return (s >>> 0) % n;
-  };
-}
 
 /** A field extraction depends on, by where its bytes lie in an encoded zTOC. */
 interface Site {
@@ -280,7 +271,7 @@ function mutate(bytes: Uint8Array, rand: (n: number) => number, sites: readonly 
 }
 
 t.test('fuzz: mutated zTOCs give a ZtocError or a valid zTOC, never a crash or a hang', async (t) => {
-  const rand = seeded(0x2545f491);
+  const rand = seededRandom(0x2545f491);
   const sites = extractionSites(bytes, ztoc);
   const iterations = 3000;
   let rejected = 0;
@@ -354,7 +345,7 @@ async function fuzzExtraction(t: Test, layerPath: string, original: Uint8Array, 
     t.fail(`fuzz child did not start: ${JSON.stringify(ready)}`);
     return;
   }
-  const rand = seeded(seed);
+  const rand = seededRandom(seed);
   let accepted = 0;
   let withBytes = 0;
   const typed = new Map<string, number>();

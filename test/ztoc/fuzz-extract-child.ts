@@ -5,6 +5,7 @@
  * bound each attempt's time and, when this process dies (a signal, an abort in the native
  * addon, running out of memory), name the attempt that killed it.
  */
+import { seededRandom } from '../helpers/random.js';
 import {
   availableEngines,
   decodeZtoc,
@@ -73,13 +74,7 @@ async function main(): Promise<void> {
   }
 
   async function runJob(job: FuzzJob): Promise<void> {
-    let s = job.seed >>> 0 || 1;
-    const rand = (n: number): number => {
-      s ^= s << 13;
-      s ^= s >>> 17;
-      s ^= s << 5;
-      return (s >>> 0) % Math.max(1, n);
-    };
+    const rand = seededRandom(job.seed);
     let index: LayerIndex;
     try {
       index = new LayerIndex(decodeZtoc(job.bytes, 'fuzzed'), 'fuzzed');

@@ -8,6 +8,7 @@
  * - every regular file read through the zTOC against `tar -xO`;
  * - random ranges against `gzip -dc`.
  */
+import { seededRandom } from '../helpers/random.js';
 import t, { type Test } from 'tap';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -48,16 +49,6 @@ t.teardown(() => rm(work, { recursive: true, force: true }));
 
 const sha256 = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');
 
-/** A seeded generator so failures replay. */
-function rng(seed: number): (n: number) => number {
-  let s = seed >>> 0 || 1;
-  return (n) => {
-    s ^= s << 13;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    return (s >>> 0) % n;
-  };
-}
 
 /** `2021-03-04T05:06:07.5Z` and tar's `2021-03-04 05:06:07.500000000` as [seconds, nanos]. */
 function timeKey(text: string): string {
@@ -242,7 +233,7 @@ for (const c of cases) {
 
     // Direct extraction (no cache) of a sample, with each engine.
     const files = ztoc.files.filter((f) => f.type === 'reg');
-    const rand = rng(files.length + 7);
+    const rand = seededRandom(files.length + 7);
     for (const engine of engines) {
       let sampleWrong = 0;
       for (let k = 0; k < Math.min(40, files.length); k++) {
