@@ -16,19 +16,17 @@
  * SOCI_TS_BENCH_RANGE_SECONDS (time per range configuration and side, default 3),
  * SOCI_TS_BENCH_RUNS (runs of each full-blob and create measurement, default 5).
  */
-import { spawn, type ChildProcessByStdio } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { cpus, loadavg, tmpdir, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
-import { createInterface } from 'node:readline';
-import type { Readable, Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { Agent, request } from 'undici';
 import { RegistryClient, type Descriptor } from '../fetcher/index.js';
 import { buildImage, pushImage, type ImageSpec } from '../test/helpers/images.js';
 import { startRegistry } from '../test/helpers/registry.js';
-import type { RunAnswer } from './exec-runner.js';
+import { ExecRunner } from './exec-runner-client.js';
 
 const benchDir = process.env.SOCI_TS_BENCH_DIR ?? '/var/tmp/soci-ts-bench';
 const rangeSeconds = Number(process.env.SOCI_TS_BENCH_RANGE_SECONDS ?? 3);
@@ -143,49 +141,6 @@ async function inProcess(row: Row, f: () => Promise<void>): Promise<void> {
   const c = process.cpuUsage(c0);
   row.cpuMs += (c.user + c.system) / 1000;
   row.faults += process.resourceUsage().minorPageFault - r0.minorPageFault;
-}
-
-/**
- * The bench's child processes (from the warm-up on) run from exec-runner.js, so that this
- * process does not fork between its own timed runs (see there: a fork makes the heap
- * copy-on-write, and the next in-process download would pay thousands of page faults for it).
- */
-class ExecRunner {
-  private readonly child: ChildProcessByStdio<Writable, Readable, null>;
-  private readonly waiting = new Map<number, (a: RunAnswer) => void>();
-  private nextId = 0;
-  private failed: Error | undefined;
-
-  constructor() {
-    this.child = spawn(process.execPath, [fileURLToPath(new URL('./exec-runner.js', import.meta.url))], { stdio: ['pipe', 'pipe', 'inherit'] });
-    const lines = createInterface({ input: this.child.stdout });
-    lines.on('line', (line) => {
-      const a = JSON.parse(line) as RunAnswer;
-      this.waiting.get(a.id)?.(a);
-      this.waiting.delete(a.id);
-    });
-    this.child.on('exit', (code) => {
-      this.failed = new Error(`exec-runner exited (code ${code})`);
-      for (const w of this.waiting.values()) w({ id: -1, ms: NaN, cpuMs: NaN, code: null, stderr: this.failed.message });
-      this.waiting.clear();
-    });
-  }
-
-  /** Runs `cmd args` in the runner: its wall time and CPU time; throws unless it exits 0. */
-  async run(cmd: string, args: readonly string[]): Promise<{ ms: number; cpuMs: number }> {
-    if (this.failed !== undefined) throw this.failed;
-    const id = this.nextId++;
-    const answer = await new Promise<RunAnswer>((resolve) => {
-      this.waiting.set(id, resolve);
-      this.child.stdin.write(`${JSON.stringify({ id, cmd, args })}\n`);
-    });
-    if (answer.code !== 0) throw new Error(`${cmd} ${args.join(' ')}: exit ${answer.code}: ${answer.stderr}`);
-    return answer;
-  }
-
-  close(): void {
-    this.child.stdin.end();
-  }
 }
 
 /** A child-process run through `runner`: its wall time and CPU (10 ms resolution, summed over runs). */

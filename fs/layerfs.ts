@@ -11,7 +11,7 @@
  * before the epoch are shown as the epoch.
  */
 import { constants as osConstants } from 'node:os';
-import { access, mkdir, readdir, readFile, stat } from 'node:fs/promises';
+import { access, mkdir, readdir, readFile, realpath, stat, writeFile } from 'node:fs/promises';
 import { performance } from 'node:perf_hooks';
 import Fuse, { type FuseOps, type FuseStat } from 'fuse-native';
 import { nullLogger, type Logger } from '../fetcher/index.js';
@@ -32,6 +32,7 @@ const EBADF = -E.EBADF;
 const W_OK = 2;
 /** Entries and attributes never change: let the kernel cache them for an hour. */
 const CACHE_TIMEOUT_S = 3600;
+const DEFAULT_KERNEL_READ_AHEAD_KIB = 1024;
 
 export type FuseErrorKind = 'unavailable' | 'not-root' | 'mount-failed' | 'unmount-failed';
 
@@ -83,6 +84,13 @@ export interface LayerFsOptions {
   allowOther?: boolean;
   /** Called after every FUSE operation (for latency metrics). */
   onOp?: (op: string, ms: number, ok: boolean) => void;
+  /**
+   * The kernel's read-ahead for the mount, in KiB (its bdi `read_ahead_kb`; 0 leaves the
+   * kernel's). libfuse 2 asks for at most 128 KiB a request and the kernel reads ahead 128 KiB,
+   * so a sequential reader waits for one request after another; more read-ahead keeps several
+   * in flight. Default 1024.
+   */
+  kernelReadAheadKiB?: number;
 }
 
 export interface LayerFsCounters {
@@ -134,6 +142,35 @@ class LayerFuse extends Fuse {
       return signal(p, listBuf.buffer);
     });
   }
+}
+
+/**
+ * Sets the read-ahead of the filesystem mounted at `mountpoint` (its backing device, found in
+ * /proc/self/mountinfo: no request to the mount itself). Best effort: without a writable sysfs
+ * (a container, not root) the kernel's default stays, and that is logged.
+ */
+async function setKernelReadAhead(mountpoint: string, kib: number, logger: Logger): Promise<void> {
+  const file = await readFile('/proc/self/mountinfo', 'utf8')
+    .then((text) => {
+      // Fields: id parent major:minor root mountpoint ...; the last matching line is the top mount.
+      let dev: string | undefined;
+      for (const line of text.split('\n')) {
+        const f = line.split(' ');
+        if (f[4] !== undefined && unescapeMountinfo(f[4]) === mountpoint) dev = f[2];
+      }
+      return dev === undefined ? undefined : `/sys/class/bdi/${dev}/read_ahead_kb`;
+    })
+    .catch(() => undefined);
+  if (file === undefined) return void logger.debug('kernel read-ahead left as it is: mount not found in mountinfo', { mountpoint });
+  await writeFile(file, `${Math.round(kib)}\n`).then(
+    () => logger.debug('kernel read-ahead set', { file, kib }),
+    (err: unknown) => logger.debug('kernel read-ahead left as it is', { file, error: err }),
+  );
+}
+
+/** mountinfo escapes space, tab, newline and backslash as octal. */
+function unescapeMountinfo(field: string): string {
+  return field.replace(/\\([0-7]{3})/g, (_m, oct: string) => String.fromCharCode(parseInt(oct, 8)));
 }
 
 function mountAsync(f: Fuse): Promise<void> {
@@ -228,6 +265,8 @@ export class LayerFs {
     if (!st.isDirectory()) throw new FuseError('mount-failed', opts.mountpoint, 'not a directory');
     const names = await readdir(opts.mountpoint);
     if (names.length > 0) throw new FuseError('mount-failed', opts.mountpoint, `not empty (${names.length} entries)`);
+    // As mountinfo will name it (before the mount: resolving it after would ask the mount).
+    const realMountpoint = await realpath(opts.mountpoint).catch(() => opts.mountpoint);
     const fs = new LayerFs(opts, table);
     const t0 = performance.now();
     try {
@@ -237,6 +276,8 @@ export class LayerFs {
       throw new FuseError('mount-failed', opts.mountpoint, `fuse mount failed: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
     }
     fs.mounted = true;
+    const readAhead = opts.kernelReadAheadKiB ?? DEFAULT_KERNEL_READ_AHEAD_KIB;
+    if (readAhead > 0) await setKernelReadAhead(realMountpoint, readAhead, fs.logger);
     fs.logger.info('layer mounted', { mountpoint: opts.mountpoint, inodes: table.count, spans: fs.spans.spanCount, ms: Math.round(performance.now() - t0) });
     if (table.warningCount > 0) fs.logger.warn('layer entries shown differently from the tar', { count: table.warningCount, first: table.warnings.slice(0, 5) });
     return fs;
@@ -409,6 +450,12 @@ export class LayerFs {
     if (want <= 0) {
       this.done('read', t0, true);
       return cb(0);
+    }
+    const cached = this.spans.readCachedInto(n.dataOffset + pos, want, buf);
+    if (cached >= 0) {
+      this.counters.bytesRead += cached;
+      this.done('read', t0, true);
+      return cb(cached);
     }
     const pending: PendingRead = { cb };
     this.pending.add(pending);

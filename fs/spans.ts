@@ -184,6 +184,45 @@ export class SpanManager {
     }
   }
 
+  /**
+   * `read` without a promise for bytes already inflated in memory: copies up to `length` bytes
+   * of the tar from `offset` (clamped to the archive and to `dst`) into `dst` and returns how
+   * many, or -1 (nothing copied, nothing counted) when some of them are not in memory yet, so
+   * the caller goes on with `read`. A warm FUSE read is answered in the callback that asked.
+   */
+  readCachedInto(offset: number, length: number, dst: Buffer): number {
+    const size = this.index.ztoc.uncompressedArchiveSize;
+    if (offset >= size || length <= 0 || dst.length === 0) return 0;
+    const end = Math.min(size, offset + length, offset + dst.length);
+    const first = this.index.spanFor(offset);
+    const last = this.index.spanFor(end - 1);
+    // Look every span up before copying anything, so a miss leaves no trace.
+    for (let id = first; id <= last; id++) if (this.inMemory(id, end) === undefined) return -1;
+    let pos = 0;
+    for (let id = first; id <= last; id++) {
+      const span = this.index.spans[id]!;
+      const buf = this.inMemory(id, end)!;
+      const from = Math.max(offset, span.uncompressedStart) - span.uncompressedStart;
+      const to = Math.min(end, span.uncompressedEnd) - span.uncompressedStart;
+      pos += buf.copy(dst, pos, from, to);
+    }
+    this.counters.reads++;
+    this.counters.memoryHits += last - first + 1;
+    this.counters.bytesRead += pos;
+    if (this.readAhead) this.readAheadAfter(offset, end, last);
+    return pos;
+  }
+
+  /** The span's inflated bytes when they are in memory up to tar offset `end` (or the span's end). */
+  private inMemory(spanId: number, end: number): Buffer | undefined {
+    const cached = this.memory.get(this.layerDigest, spanId);
+    if (cached !== undefined) return cached;
+    const running = this.inflating.get(spanId);
+    if (running === undefined) return undefined;
+    const span = this.index.spans[spanId]!;
+    return running.produced >= Math.min(end, span.uncompressedEnd) - span.uncompressedStart ? running.buf : undefined;
+  }
+
   private async readSpans(offset: number, length: number): Promise<Buffer> {
     const size = this.index.ztoc.uncompressedArchiveSize;
     if (offset >= size || length <= 0) return Buffer.alloc(0);

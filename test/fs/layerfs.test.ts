@@ -165,6 +165,28 @@ t.test('statfs, ENOENT, EROFS, readdir of a large tree', async (tt) => {
   await unmount(m);
 });
 
+/** The mount's read-ahead as the kernel has it: its bdi's read_ahead_kb, found through mountinfo. */
+async function kernelReadAheadKiB(mountpoint: string): Promise<number> {
+  const line = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter((l) => l.split(' ')[4] === mountpoint).at(-1);
+  if (line === undefined) throw new Error(`${mountpoint} not in mountinfo`);
+  return Number(await readFile(`/sys/class/bdi/${line.split(' ')[2]}/read_ahead_kb`, 'utf8'));
+}
+
+t.test('the kernel reads ahead 1 MiB by default, as configured, or as the kernel had it', async (tt) => {
+  const plain = await mountLayer(usr, { kernelReadAheadKiB: 0 });
+  const kernels = await kernelReadAheadKiB(plain.mountpoint);
+  const byDefault = await mountLayer(usr);
+  const big = await mountLayer(usr, { kernelReadAheadKiB: 4096 });
+  tt.equal(await kernelReadAheadKiB(byDefault.mountpoint), 1024, 'default: 1024 KiB');
+  tt.equal(await kernelReadAheadKiB(big.mountpoint), 4096, 'kernelReadAheadKiB 4096');
+  tt.not(kernels, 1024, `0 leaves the kernel's own (${kernels} KiB)`);
+  // The reads behind a bigger read-ahead still return the right bytes.
+  const file = (await smallFiles(usr, 1 << 20)).at(-1)!;
+  const want = sha256(await readFile(path.join(usr.oracle, file)));
+  for (const m of [plain, byDefault, big]) tt.equal(sha256(await readFile(path.join(m.mountpoint, file))), want, `${file} right with ${await kernelReadAheadKiB(m.mountpoint)} KiB`);
+  for (const m of [plain, byDefault, big]) await unmount(m);
+});
+
 /** A small regular file of the big layer and its oracle bytes. */
 async function smallFiles(p: Pushed, max: number): Promise<string[]> {
   const tree = await snapshotTree(p.oracle, { hash: false });

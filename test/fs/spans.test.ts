@@ -114,6 +114,38 @@ t.test('a read returns before the rest of its span is inflated', async (t) => {
   t.equal(sha(cache.get(layer.digest, 20)!), expected!.sha256, 'the whole span is right');
 });
 
+t.test('readCachedInto: bytes in memory copied without a promise, anything else -1 and untouched', async (t) => {
+  const m = manager({ readAhead: false });
+  const a = index.spans[40]!;
+  const b = index.spans[41]!;
+  const dst = Buffer.alloc(3 << 20, 0xee);
+  t.equal(m.readCachedInto(a.uncompressedStart, 4096, dst), -1, 'nothing in memory yet: -1');
+  t.equal(m.counters.fetches, 0, 'and a miss fetches nothing');
+  t.equal(dst[0], 0xee, 'and copies nothing');
+  await m.read(a.uncompressedStart, b.uncompressedEnd - a.uncompressedStart); // spans 40 and 41 inflated
+  for (let i = 0; i < 400 && (m.state(40) !== 'inflated' || m.state(41) !== 'inflated'); i++) await new Promise((r) => setTimeout(r, 5));
+  const reads0 = m.counters.reads;
+  const cases = [
+    { offset: a.uncompressedStart + 123, len: 70000 }, // inside one span
+    { offset: a.uncompressedEnd - 5000, len: 10000 }, // across the two
+    { offset: a.uncompressedStart, len: b.uncompressedEnd - a.uncompressedStart }, // both, whole
+  ];
+  const expected = await gzipDcRanges(layer.path, cases);
+  for (let i = 0; i < cases.length; i++) {
+    const c = cases[i]!;
+    const out = Buffer.alloc(c.len);
+    const n = m.readCachedInto(c.offset, c.len, out);
+    t.equal(n, c.len, `case ${i}: ${c.len} bytes copied`);
+    t.equal(sha(out), expected[i]!.sha256, `case ${i}: equal to gzip -dc`);
+  }
+  t.equal(m.counters.reads - reads0, cases.length, 'each counted as a read');
+  const small = Buffer.alloc(100);
+  t.equal(m.readCachedInto(a.uncompressedStart, 4096, small), 100, 'clamped to the destination');
+  t.equal(m.readCachedInto(b.uncompressedEnd - 10, 4096, Buffer.alloc(4096)), -1, 'running into a span not in memory: -1');
+  t.equal(m.readCachedInto(tarSize, 10, dst), 0, 'at the end of the archive: 0');
+  t.equal(m.counters.fetches, 2, 'only the two spans the async read needed were fetched');
+});
+
 t.test('sequential reads fetch the next span ahead', async (t) => {
   const m = manager();
   const span = index.spans[30]!;
