@@ -191,6 +191,8 @@ export class InodeTable {
   readonly totalFileBytes: number;
   /** Σ ⌈size / 4096⌉ over the regular files. */
   readonly totalFileBlocks: number;
+  /** Whether any inode has an xattr (opaque-directory markers included). */
+  readonly hasXattrs: boolean;
 
   private constructor(
     /** Index = inode number; [0] is unused. */
@@ -201,6 +203,9 @@ export class InodeTable {
     this.warningCount = built.warningCount;
     this.totalFileBytes = built.totalFileBytes;
     this.totalFileBlocks = built.totalFileBlocks;
+    let xattrs = false;
+    for (let ino = ROOT_INO; ino < nodes.length && !xattrs; ino++) xattrs = nodes[ino]!.xattrs.size > 0;
+    this.hasXattrs = xattrs;
   }
 
   /** Builds the table of a layer from its (validated) zTOC. */

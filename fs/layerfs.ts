@@ -27,6 +27,7 @@ const EISDIR = -E.EISDIR;
 const ENOTDIR = -E.ENOTDIR;
 const EINVAL = -E.EINVAL;
 const ENODATA = -E.ENODATA;
+const ENOSYS = -E.ENOSYS;
 const ERANGE = -E.ERANGE;
 const EBADF = -E.EBADF;
 const W_OK = 2;
@@ -330,7 +331,7 @@ export class LayerFs {
         }
       };
     };
-    return {
+    const ops: FuseOps = {
       init: (cb) => cb(0),
       getattr: guard(
         'getattr',
@@ -409,9 +410,15 @@ export class LayerFs {
           cb(0, names, stats);
         },
       ),
-      // No open, release or releasedir: libfuse answers them itself (the mount is read-only, so
-      // the kernel refuses writable opens; kernel_cache still keeps the page cache), which saves
-      // two round trips into JS per file opened. read and fgetattr then get fd 0 and go by path.
+      // ENOSYS from open is the kernel's zero-message open (Linux ≥ 3.14): from then on it opens
+      // and releases files of this mount without asking us or libfuse (two round trips per file
+      // opened), keeping the page cache (FOPEN_KEEP_CACHE). The mount is read-only: the kernel
+      // refuses writable opens itself, and it checks permissions (default_permissions). read
+      // and fgetattr then get fd 0 and go by path. No release or releasedir either.
+      open: (_path, _flags, cb) => {
+        this.done('open', performance.now(), true);
+        cb(ENOSYS);
+      },
       read: guard(
         'read',
         (_p, _fd, _b, _l, _pos, cb) => cb(EIO),
@@ -438,6 +445,15 @@ export class LayerFs {
         },
       ),
     };
+    // A layer without xattrs (most are) has no xattr ops: libfuse answers ENOSYS, and the kernel
+    // then answers every getxattr of the mount itself (EOPNOTSUPP, which overlayfs and the
+    // capability check take as "none"). overlayfs asks each file it looks up for
+    // trusted.overlay.metacopy: a round trip into JS per file otherwise.
+    if (!this.table.hasXattrs) {
+      delete ops.getxattr;
+      delete ops.listxattr;
+    }
+    return ops;
   }
 
   private read(path: string, fd: number, buf: Buffer, len: number, pos: number, cb: (bytesOrErr: number) => void): void {

@@ -371,11 +371,13 @@ export class SpanManager {
       const inflater = new SpanInflater(this.index, spanId, compressed, this.engine);
       try {
         while (inflation.produced < inflation.buf.length) {
-          // Inflate up to the nearest waiter's need, at least one step.
+          // On the engine's thread: steps, so that waiters are released as their bytes arrive.
+          // On this one: up to the nearest waiter's need at once, at least one step.
           let target = inflation.produced + this.inflateStep;
-          for (const w of inflation.waiters) target = Math.max(target, Math.min(w.upTo, inflation.produced + (4 << 20)));
+          const most = inflater.offThread ? 1 << 20 : 4 << 20;
+          for (const w of inflation.waiters) target = Math.max(target, Math.min(w.upTo, inflation.produced + most));
           target = Math.min(target, inflation.buf.length);
-          inflater.fill(inflation.buf, inflation.produced, target);
+          await inflater.fillAsync(inflation.buf, inflation.produced, target);
           inflation.produced = inflater.produced;
           if (inflation.waiters.length > 0) {
             const still: Waiter[] = [];
@@ -385,7 +387,7 @@ export class SpanManager {
             }
             inflation.waiters = still;
           }
-          if (inflation.produced < inflation.buf.length && inflation.waiters.length === 0) await yieldToLoop();
+          if (!inflater.offThread && inflation.produced < inflation.buf.length && inflation.waiters.length === 0) await yieldToLoop();
           if (this.closed) throw new SpanReadError(this.layerDigest, 'layer closed');
         }
         this.memory.set(this.layerDigest, spanId, inflation.buf);

@@ -14,6 +14,7 @@ import {
   Z_STREAM_END,
   type InflateEngine,
   type Inflater,
+  type InflateStep,
 } from './inflate/index.js';
 import type { LayerIndex } from './layer-index.js';
 import { WINDOW_SIZE, type FileMetadata } from './types.js';
@@ -109,44 +110,81 @@ export class SpanInflater {
   fill(out: Uint8Array, outStart: number, outEnd: number): number {
     const want = Math.min(outEnd - outStart, this.length - this.produced);
     if (want <= 0) return 0;
-    if (this.inflater === undefined) {
-      out.set(this.compressed.subarray(this.produced, this.produced + want), outStart);
-      this.produced += want;
-      return want;
-    }
-    const { index, spanId, compressed } = this;
-    const span = index.spans[spanId];
+    if (this.inflater === undefined) return this.copyStored(out, outStart, want);
     let written = 0;
     while (written < want && !this.ended) {
-      const step = this.inflater.inflate(compressed, this.pos, compressed.length, out, outStart + written, outStart + want, Z_NO_FLUSH);
-      this.pos += step.consumed;
+      const step = this.inflater.inflate(this.compressed, this.pos, this.compressed.length, out, outStart + written, outStart + want, Z_NO_FLUSH);
       written += step.produced;
-      if (step.status === Z_STREAM_END) {
-        if (this.raw) {
-          this.pos += GZIP_TRAILER;
-          this.raw = false;
-        }
-        if (this.pos >= compressed.length) {
-          this.ended = true;
-          break;
-        }
-        this.inflater.reset(WINDOW_BITS_AUTO); // the next member, header and all
-        continue;
-      }
-      const stalled = step.consumed === 0 && step.produced === 0;
-      if (stalled && this.pos >= compressed.length) break; // out of input: reported below
-      if (step.status !== Z_OK || stalled) {
-        throw new CompressionError(
-          index.subject,
-          `corrupt deflate data in span ${spanId} (zlib status ${step.status}) near compressed offset ${span.compressedStart + this.pos}`,
-        );
-      }
+      if (!this.afterStep(step)) break;
     }
+    return this.finishFill(written, want);
+  }
+
+  /**
+   * `fill` with the inflation on the engine's thread (inflateAsync), so that the event loop
+   * goes on meanwhile; the same as `fill` where the engine has none. out[outStart, outEnd)
+   * must not be read until it settles (bytes before outStart may be).
+   */
+  async fillAsync(out: Uint8Array, outStart: number, outEnd: number): Promise<number> {
+    const inflateAsync = this.inflater?.inflateAsync;
+    if (inflateAsync === undefined) return this.fill(out, outStart, outEnd);
+    const want = Math.min(outEnd - outStart, this.length - this.produced);
+    if (want <= 0) return 0;
+    let written = 0;
+    while (written < want && !this.ended) {
+      const step = await inflateAsync(this.compressed, this.pos, this.compressed.length, out, outStart + written, outStart + want, Z_NO_FLUSH);
+      written += step.produced;
+      if (!this.afterStep(step)) break;
+    }
+    return this.finishFill(written, want);
+  }
+
+  /** Whether fillAsync inflates on another thread (else it is fill, on this one). */
+  get offThread(): boolean {
+    return this.inflater?.inflateAsync !== undefined;
+  }
+
+  /** A stored (uncompressed) layer's span: a copy. */
+  private copyStored(out: Uint8Array, outStart: number, want: number): number {
+    out.set(this.compressed.subarray(this.produced, this.produced + want), outStart);
+    this.produced += want;
+    return want;
+  }
+
+  /** Accounts for one inflate step: false when the loop must stop (input used up). */
+  private afterStep(step: InflateStep): boolean {
+    this.pos += step.consumed;
+    if (step.status === Z_STREAM_END) {
+      if (this.raw) {
+        this.pos += GZIP_TRAILER;
+        this.raw = false;
+      }
+      if (this.pos >= this.compressed.length) {
+        this.ended = true;
+        return false;
+      }
+      this.inflater!.reset(WINDOW_BITS_AUTO); // the next member, header and all
+      return true;
+    }
+    const stalled = step.consumed === 0 && step.produced === 0;
+    if (stalled && this.pos >= this.compressed.length) return false; // out of input: reported by finishFill
+    if (step.status !== Z_OK || stalled) {
+      const span = this.index.spans[this.spanId]!;
+      throw new CompressionError(
+        this.index.subject,
+        `corrupt deflate data in span ${this.spanId} (zlib status ${step.status}) near compressed offset ${span.compressedStart + this.pos}`,
+      );
+    }
+    return true;
+  }
+
+  private finishFill(written: number, want: number): number {
     this.produced += written;
     if (written < want) {
+      const span = this.index.spans[this.spanId]!;
       throw new CompressionError(
-        index.subject,
-        `span ${spanId}: compressed data ended after ${this.produced} of ${this.length} bytes at uncompressed offset ${span.uncompressedStart + this.produced}`,
+        this.index.subject,
+        `span ${this.spanId}: compressed data ended after ${this.produced} of ${this.length} bytes at uncompressed offset ${span.uncompressedStart + this.produced}`,
       );
     }
     return written;

@@ -187,6 +187,39 @@ t.test('the kernel reads ahead 1 MiB by default, as configured, or as the kernel
   for (const m of [plain, byDefault, big]) await unmount(m);
 });
 
+t.test('zero-message opens: after the first open the kernel opens files by itself, and keeps their pages', async (tt) => {
+  const ops = new Map<string, number>();
+  const m = await mountLayer(usr, { onOp: (op) => ops.set(op, (ops.get(op) ?? 0) + 1) });
+  const files = (await smallFiles(usr, 64 << 10)).slice(0, 40);
+  for (const f of files) tt.equal(sha256(await readFile(path.join(m.mountpoint, f))), sha256(await readFile(path.join(usr.oracle, f))), `${f} right`);
+  tt.equal(ops.get('open'), 1, `${files.length} files opened, one open reached us`);
+  const reads = m.counters.reads;
+  for (const f of files) await readFile(path.join(m.mountpoint, f));
+  tt.equal(m.counters.reads, reads, 'reading them again comes from the page cache (no FUSE read)');
+  await unmount(m);
+});
+
+t.test('xattr ops only where the layer has xattrs: elsewhere the kernel answers "not supported" itself', async (tt) => {
+  const plain = await mountLayer(usr);
+  const withXattrs = await mountLayer(special);
+  tt.equal(plain.table.hasXattrs, false, 'usr-small has no xattrs');
+  tt.equal(withXattrs.table.hasXattrs, true, 'the special tree has');
+  const file = (await smallFiles(usr, 64 << 10))[0]!;
+  const none = await run('getfattr', ['-n', 'user.nothing', path.join(plain.mountpoint, file)]).then(
+    () => 'found',
+    (err: unknown) => String(err),
+  );
+  tt.match(none, /Operation not supported/, `no xattrs in the layer: ${none.split('\n').find((l) => /getfattr|not supported/.test(l)) ?? none}`);
+  const specialFile = (await smallFiles(special, 1 << 20))[0]!;
+  const absent = await run('getfattr', ['-n', 'user.nothing', path.join(withXattrs.mountpoint, specialFile)]).then(
+    () => 'found',
+    (err: unknown) => String(err),
+  );
+  tt.match(absent, /No such attribute/, 'a layer with xattrs: an absent one is "no such attribute"');
+  await unmount(plain);
+  await unmount(withXattrs);
+});
+
 /** A small regular file of the big layer and its oracle bytes. */
 async function smallFiles(p: Pushed, max: number): Promise<string[]> {
   const tree = await snapshotTree(p.oracle, { hash: false });

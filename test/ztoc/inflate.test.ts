@@ -494,3 +494,62 @@ t.test('prime matches zlib bit accounting', async (t) => {
     inf2.close();
   }
 });
+
+t.test('inflateAsync (native): equals gzip -dc, off the event loop, busy while it runs, exits idle', async (t) => {
+  if (native === undefined) return t.fail('the native engine is built by scripts/setup and must be here');
+  const inflateAsyncAll = async (gz: Buffer, outSize: number): Promise<string> => {
+    const inf = native.create(WINDOW_BITS_AUTO);
+    const hash = createHash('sha256');
+    const out = new Uint8Array(outSize);
+    let pos = 0;
+    try {
+      for (;;) {
+        const s = await inf.inflateAsync!(gz, pos, gz.length, out, 0, out.length, Z_NO_FLUSH);
+        pos += s.consumed;
+        hash.update(out.subarray(0, s.produced));
+        if (s.status === Z_STREAM_END) {
+          if (pos >= gz.length) break;
+          inf.reset(WINDOW_BITS_AUTO); // the next gzip member
+          continue;
+        }
+        if (s.status !== Z_OK) throw new Error(`status ${s.status}`);
+      }
+    } finally {
+      inf.close();
+    }
+    return hash.digest('hex');
+  };
+  for (const sample of samples) t.equal(await inflateAsyncAll(sample.gz, 256 << 10), sample.expected, `${sample.name}: equals gzip -dc`);
+  // Four streams at once (more than the addon's threads): each right.
+  const four = await Promise.all(samples.slice(0, 4).map((s) => inflateAsyncAll(s.gz, 64 << 10)));
+  t.same(four, samples.slice(0, 4).map((s) => s.expected), 'concurrent streams each equal gzip -dc');
+
+  // One large step: the event loop runs while it does; the handle is busy until it settles.
+  const big = samples.filter((s) => s.single).reduce((a, b) => (b.plain.length > a.plain.length ? b : a));
+  const inf = native.create(WINDOW_BITS_AUTO);
+  const out = new Uint8Array(big.plain.length);
+  let immediateRan = false;
+  setImmediate(() => (immediateRan = true));
+  const pending = inf.inflateAsync!(big.gz, 0, big.gz.length, out, 0, out.length, Z_NO_FLUSH);
+  t.throws(() => inf.inflate(big.gz, 0, 10, new Uint8Array(10), 0, 10, Z_NO_FLUSH), /inflateAsync job/, 'a sync call on the busy handle throws');
+  t.throws(() => inf.reset(WINDOW_BITS_AUTO), /inflateAsync job/, 'reset too');
+  await t.rejects(inf.inflateAsync!(big.gz, 0, 10, new Uint8Array(10), 0, 10, Z_NO_FLUSH), /inflateAsync job/, 'a second job on it too');
+  inf.close(); // deferred until the job is done
+  const step = await pending;
+  t.ok(immediateRan, 'a setImmediate queued before the job ran before it settled');
+  t.equal(step.produced, big.plain.length, 'the whole member in one step');
+  t.equal(sha256(out), sha256(big.plain), 'its bytes right');
+  t.throws(() => inf.inflate(big.gz, 0, 10, new Uint8Array(10), 0, 10, Z_NO_FLUSH), /ended/, 'the deferred close took effect');
+
+  // A process whose last job is done exits by itself (the idle threads hold nothing open).
+  const small = samples.find((s) => s.single && s.plain.length <= 1 << 20)!;
+  const script = `import { readFileSync } from 'node:fs';
+import { inflateEngine } from ${JSON.stringify(pathToFileURL(fileURLToPath(new URL('../../ztoc/inflate/index.js', import.meta.url))).href)};
+const gz = readFileSync(process.argv[1]);
+const inf = inflateEngine().create(47);
+const s = await inf.inflateAsync(gz, 0, gz.length, new Uint8Array(2 << 20), 0, 2 << 20, 0);
+console.log(s.status);`;
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', script, small.gzPath], { encoding: 'utf8', timeout: 20_000 });
+  t.equal(r.error, undefined, 'the child exited on its own (no timeout)');
+  t.equal(r.stdout.trim(), String(Z_STREAM_END), 'after its inflateAsync finished the stream');
+});

@@ -49,6 +49,21 @@ export interface Inflater {
     outEnd: number,
     flush: number,
   ): InflateStep;
+  /**
+   * The same call on another thread (the native engine's own threads), so that a large
+   * step does not hold up the event loop; absent where the engine has none (pako). Until it
+   * settles, the inflater must not be used, `input` must not change and output[outStart,
+   * outEnd) must not be read. Resolves with the inflater's own step object.
+   */
+  inflateAsync?(
+    input: Uint8Array,
+    inStart: number,
+    inEnd: number,
+    output: Uint8Array,
+    outStart: number,
+    outEnd: number,
+    flush: number,
+  ): Promise<InflateStep>;
   /** inflateReset2: start a new stream (e.g. the next gzip member). */
   reset(windowBits: number): void;
   /** inflatePrime: insert `bits` (0-16) bits of `value` into the input stream. */

@@ -27,6 +27,19 @@ interface ZinflateAddon {
     flush: number,
     result: Int32Array,
   ): void;
+  /** Absent from addons built before it existed. */
+  inflateAsync?(
+    handle: Handle,
+    input: Uint8Array,
+    inStart: number,
+    inEnd: number,
+    output: Uint8Array,
+    outStart: number,
+    outEnd: number,
+    flush: number,
+    result: Int32Array,
+    callback: (err: Error | null) => void,
+  ): void;
   reset(handle: Handle, windowBits: number): number;
   prime(handle: Handle, bits: number, value: number): number;
   setDictionary(handle: Handle, dictionary: Uint8Array): number;
@@ -105,6 +118,7 @@ class NativeInflater implements Inflater {
     windowBits: number,
   ) {
     this.handle = addon.create(windowBits);
+    if (typeof addon.inflateAsync === 'function') this.inflateAsync = this.inflateOnPool.bind(this);
   }
 
   inflate(
@@ -124,6 +138,32 @@ class NativeInflater implements Inflater {
     step.produced = r[2];
     step.dataType = r[3];
     return step;
+  }
+
+  /** inflate() on one of the addon's threads (see Inflater.inflateAsync); set when the addon has it. */
+  readonly inflateAsync?: Inflater['inflateAsync'];
+
+  private inflateOnPool(
+    input: Uint8Array,
+    inStart: number,
+    inEnd: number,
+    output: Uint8Array,
+    outStart: number,
+    outEnd: number,
+    flush: number,
+  ): Promise<InflateStep> {
+    const r = this.result;
+    return new Promise((resolve, reject) => {
+      this.addon.inflateAsync!(this.handle, input, inStart, inEnd, output, outStart, outEnd, flush, r, (err) => {
+        if (err !== null) return reject(err);
+        const step = this.step;
+        step.status = r[0];
+        step.consumed = r[1];
+        step.produced = r[2];
+        step.dataType = r[3];
+        resolve(step);
+      });
+    });
   }
 
   reset(windowBits: number): void {

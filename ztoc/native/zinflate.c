@@ -12,6 +12,9 @@
  *           output, outStart, outEnd, flush, result)    -> undefined
  *       result: caller-owned Int32Array(>=4), receives
  *       [status, consumed, produced, data_type] (no allocation per call)
+ *   inflateAsync(handle, input, inStart, inEnd, output, outStart, outEnd,
+ *                flush, result, callback)               -> undefined
+ *       the same on one of the addon's threads; callback(null) once result is filled
  *   reset(handle, windowBits)                           -> zlib status
  *   prime(handle, bits, value)                          -> zlib status
  *   setDictionary(handle, dictionary)                   -> zlib status
@@ -35,6 +38,7 @@
 #include <zlib.h>
 
 #include <limits.h>
+#include <pthread.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -48,6 +52,8 @@
 typedef struct {
   z_stream strm;
   int live; /* inflateInit2 succeeded and inflateEnd not yet called */
+  int busy; /* an inflateAsync job owns strm: every other call throws, end() is deferred */
+  int end_pending; /* end() came while busy: the job's completion ends the stream */
 } zinflater;
 
 /* Tags handles so that foreign objects are rejected instead of unwrapped. */
@@ -149,8 +155,12 @@ static zinflater *get_inflater(napi_env env, napi_value v) {
     return NULL;
   }
   zinflater *z = (zinflater *)data;
-  if (!z->live) {
+  if (!z->live || z->end_pending) {
     napi_throw_error(env, "ERR_ZINFLATE_CLOSED", "inflater has been ended");
+    return NULL;
+  }
+  if (z->busy) {
+    napi_throw_error(env, "ERR_ZINFLATE_BUSY", "inflater is running an inflateAsync job");
     return NULL;
   }
   return z;
@@ -210,6 +220,70 @@ static napi_value js_create(napi_env env, napi_callback_info info) {
   return handle;
 }
 
+/* The arguments of inflate/inflateAsync, checked. */
+typedef struct {
+  zinflater *z;
+  unsigned char *in, *out;
+  size_t in_start, in_end, out_start, out_end;
+  int flush;
+  int32_t *result;
+} inflate_args;
+
+static int parse_inflate_args(napi_env env, napi_value *argv, inflate_args *a) {
+  a->z = get_inflater(env, argv[0]);
+  if (!a->z) return 0;
+  size_t in_len, out_len;
+  double in_start, in_end, out_start, out_end, flush;
+  if (!get_bytes(env, argv[1], "input", &a->in, &in_len)) return 0;
+  if (!get_int(env, argv[2], "inStart", 0, (double)in_len, &in_start)) return 0;
+  if (!get_int(env, argv[3], "inEnd", in_start, (double)in_len, &in_end)) return 0;
+  if (!get_bytes(env, argv[4], "output", &a->out, &out_len)) return 0;
+  if (!get_int(env, argv[5], "outStart", 0, (double)out_len, &out_start)) return 0;
+  if (!get_int(env, argv[6], "outEnd", out_start, (double)out_len, &out_end)) return 0;
+  if (!get_int(env, argv[7], "flush", Z_NO_FLUSH, Z_TREES, &flush)) return 0;
+  /* avail_in/avail_out are 32-bit, and produced/consumed go to an Int32Array. */
+  if (in_end - in_start > INT32_MAX || out_end - out_start > INT32_MAX) {
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "input and output ranges must be < 2 GiB");
+    return 0;
+  }
+  bool is_ta = false;
+  napi_typedarray_type rtype;
+  size_t rlen = 0;
+  void *rptr = NULL;
+  if (napi_is_typedarray(env, argv[8], &is_ta) != napi_ok || !is_ta ||
+      napi_get_typedarray_info(env, argv[8], &rtype, &rlen, &rptr, NULL, NULL) != napi_ok ||
+      rtype != napi_int32_array || rlen < 4 || rptr == NULL) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "result must be an Int32Array of length >= 4");
+    return 0;
+  }
+  a->in_start = (size_t)in_start;
+  a->in_end = (size_t)in_end;
+  a->out_start = (size_t)out_start;
+  a->out_end = (size_t)out_end;
+  a->flush = (int)flush;
+  a->result = (int32_t *)rptr;
+  return 1;
+}
+
+/* One inflate() call; fills result[0..3]. Touches no JS: runs on the pool too. */
+static void run_inflate(inflate_args *a) {
+  z_stream *s = &a->z->strm;
+  s->next_in = a->in + a->in_start;
+  s->avail_in = (uInt)(a->in_end - a->in_start);
+  s->next_out = a->out + a->out_start;
+  s->avail_out = (uInt)(a->out_end - a->out_start);
+  int status = inflate(s, a->flush);
+  a->result[0] = status;
+  a->result[1] = (int32_t)((a->in_end - a->in_start) - s->avail_in);
+  a->result[2] = (int32_t)((a->out_end - a->out_start) - s->avail_out);
+  a->result[3] = s->data_type;
+  /* The buffers belong to JS and may move or die before the next call. */
+  s->next_in = Z_NULL;
+  s->avail_in = 0;
+  s->next_out = Z_NULL;
+  s->avail_out = 0;
+}
+
 static napi_value js_inflate(napi_env env, napi_callback_info info) {
   size_t argc = 9;
   napi_value argv[9];
@@ -220,52 +294,176 @@ static napi_value js_inflate(napi_env env, napi_callback_info info) {
                           "flush, result) needs 9 arguments");
     return NULL;
   }
-  zinflater *z = get_inflater(env, argv[0]);
-  if (!z) return NULL;
+  inflate_args a;
+  if (!parse_inflate_args(env, argv, &a)) return NULL;
+  run_inflate(&a);
+  return NULL;
+}
 
-  unsigned char *in, *out;
-  size_t in_len, out_len;
-  double in_start, in_end, out_start, out_end, flush;
-  if (!get_bytes(env, argv[1], "input", &in, &in_len)) return NULL;
-  if (!get_int(env, argv[2], "inStart", 0, (double)in_len, &in_start)) return NULL;
-  if (!get_int(env, argv[3], "inEnd", in_start, (double)in_len, &in_end)) return NULL;
-  if (!get_bytes(env, argv[4], "output", &out, &out_len)) return NULL;
-  if (!get_int(env, argv[5], "outStart", 0, (double)out_len, &out_start)) return NULL;
-  if (!get_int(env, argv[6], "outEnd", out_start, (double)out_len, &out_end)) return NULL;
-  if (!get_int(env, argv[7], "flush", Z_NO_FLUSH, Z_TREES, &flush)) return NULL;
-  /* avail_in/avail_out are 32-bit, and produced/consumed go to an Int32Array. */
-  if (in_end - in_start > INT32_MAX || out_end - out_start > INT32_MAX) {
-    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "input and output ranges must be < 2 GiB");
+/* inflateAsync: the same call on one of this addon's own threads (not libuv's pool: a process
+ * that reads its own FUSE mounts through node:fs can have every pool thread blocked in a read
+ * that waits for this very inflation). A job holds references to the handle, both buffers, the
+ * result array and the callback until it completes, so none of them can be collected under it;
+ * the handle is busy meanwhile (other calls throw, end() is deferred). The caller must not write
+ * to input, nor touch output[outStart, outEnd), until the callback. Completions reach the main
+ * thread through a thread-safe function, referenced only while jobs are pending (an idle
+ * inflater thread keeps no process alive). */
+#define INFLATE_THREADS 2
+
+typedef struct inflate_job {
+  inflate_args a;
+  napi_ref refs[5]; /* handle, input, output, result, callback */
+  struct inflate_job *next;
+} inflate_job;
+
+typedef struct {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  inflate_job *head, *tail;
+  pthread_t threads[INFLATE_THREADS];
+  int nthreads;
+  int quit;
+  napi_threadsafe_function tsfn;
+  size_t pending; /* queued or running; main thread only */
+} inflate_pool;
+
+static void *inflate_worker(void *arg) {
+  inflate_pool *p = (inflate_pool *)arg;
+  for (;;) {
+    pthread_mutex_lock(&p->mu);
+    while (p->head == NULL && !p->quit) pthread_cond_wait(&p->cv, &p->mu);
+    if (p->quit) {
+      pthread_mutex_unlock(&p->mu);
+      return NULL;
+    }
+    inflate_job *job = p->head;
+    p->head = job->next;
+    if (p->head == NULL) p->tail = NULL;
+    pthread_mutex_unlock(&p->mu);
+    run_inflate(&job->a);
+    if (napi_call_threadsafe_function(p->tsfn, job, napi_tsfn_blocking) != napi_ok) {
+      /* Closing (the environment is going away): the job dies with it. */
+    }
+  }
+}
+
+static void inflate_job_done(napi_env env, napi_value js_cb, void *context, void *data) {
+  (void)js_cb;
+  inflate_pool *p = (inflate_pool *)context;
+  inflate_job *job = (inflate_job *)data;
+  if (env == NULL) { /* the function is being torn down: no JS to call */
+    free(job);
+    return;
+  }
+  zinflater *z = job->a.z;
+  z->busy = 0;
+  if (z->end_pending) {
+    z->end_pending = 0;
+    if (z->live) {
+      zinflater_release(z);
+      int64_t adjusted;
+      napi_adjust_external_memory(env, -INFLATER_EXTERNAL_BYTES, &adjusted);
+    }
+  }
+  napi_value cb = NULL, global = NULL, arg = NULL;
+  napi_get_reference_value(env, job->refs[4], &cb);
+  napi_get_global(env, &global);
+  napi_get_null(env, &arg);
+  for (int i = 0; i < 5; i++) napi_delete_reference(env, job->refs[i]);
+  free(job);
+  if (--p->pending == 0) napi_unref_threadsafe_function(env, p->tsfn);
+  if (cb != NULL) napi_call_function(env, global, cb, 1, &arg, NULL);
+}
+
+static void inflate_pool_cleanup(void *arg) {
+  inflate_pool *p = (inflate_pool *)arg;
+  pthread_mutex_lock(&p->mu);
+  p->quit = 1;
+  pthread_cond_broadcast(&p->cv);
+  pthread_mutex_unlock(&p->mu);
+  for (int i = 0; i < p->nthreads; i++) pthread_join(p->threads[i], NULL);
+  napi_release_threadsafe_function(p->tsfn, napi_tsfn_abort);
+  /* Jobs still queued hold references into a dying environment: left to it. */
+}
+
+/* The environment's pool, started on first use. NULL (and a JS error thrown) on failure. */
+static inflate_pool *get_pool(napi_env env) {
+  inflate_pool *p = NULL;
+  if (napi_get_instance_data(env, (void **)&p) == napi_ok && p != NULL) return p;
+  p = (inflate_pool *)calloc(1, sizeof *p);
+  if (!p) {
+    napi_throw_error(env, "ERR_ZLIB_MEM", "out of memory allocating the inflate pool");
     return NULL;
   }
-
-  bool is_ta = false;
-  napi_typedarray_type rtype;
-  size_t rlen = 0;
-  void *rptr = NULL;
-  if (napi_is_typedarray(env, argv[8], &is_ta) != napi_ok || !is_ta ||
-      napi_get_typedarray_info(env, argv[8], &rtype, &rlen, &rptr, NULL, NULL) != napi_ok ||
-      rtype != napi_int32_array || rlen < 4 || rptr == NULL) {
-    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "result must be an Int32Array of length >= 4");
+  napi_value name;
+  if (napi_create_string_utf8(env, "zinflate", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_threadsafe_function(env, NULL, NULL, name, 0, 1, NULL, NULL, p, inflate_job_done, &p->tsfn) != napi_ok) {
+    free(p);
+    throw_last_error(env, "napi_create_threadsafe_function");
     return NULL;
   }
-  int32_t *result = (int32_t *)rptr;
+  napi_unref_threadsafe_function(env, p->tsfn);
+  pthread_mutex_init(&p->mu, NULL);
+  pthread_cond_init(&p->cv, NULL);
+  for (int i = 0; i < INFLATE_THREADS; i++) {
+    if (pthread_create(&p->threads[i], NULL, inflate_worker, p) != 0) break;
+    p->nthreads++;
+  }
+  if (p->nthreads == 0) {
+    napi_release_threadsafe_function(p->tsfn, napi_tsfn_abort);
+    free(p);
+    napi_throw_error(env, "ERR_ZINFLATE_THREAD", "cannot start an inflate thread");
+    return NULL;
+  }
+  napi_set_instance_data(env, p, NULL, NULL);
+  napi_add_env_cleanup_hook(env, inflate_pool_cleanup, p);
+  return p;
+}
 
-  z_stream *s = &z->strm;
-  s->next_in = in + (size_t)in_start;
-  s->avail_in = (uInt)(in_end - in_start);
-  s->next_out = out + (size_t)out_start;
-  s->avail_out = (uInt)(out_end - out_start);
-  int status = inflate(s, (int)flush);
-  result[0] = status;
-  result[1] = (int32_t)((in_end - in_start) - s->avail_in);
-  result[2] = (int32_t)((out_end - out_start) - s->avail_out);
-  result[3] = s->data_type;
-  /* The buffers belong to JS and may move or die before the next call. */
-  s->next_in = Z_NULL;
-  s->avail_in = 0;
-  s->next_out = Z_NULL;
-  s->avail_out = 0;
+static napi_value js_inflate_async(napi_env env, napi_callback_info info) {
+  size_t argc = 10;
+  napi_value argv[10];
+  CHECK_NAPI(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 10) {
+    napi_throw_type_error(env, "ERR_MISSING_ARGS",
+                          "inflateAsync(handle, input, inStart, inEnd, output, outStart, outEnd, "
+                          "flush, result, callback) needs 10 arguments");
+    return NULL;
+  }
+  napi_valuetype t;
+  if (napi_typeof(env, argv[9], &t) != napi_ok || t != napi_function) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", "callback must be a function");
+    return NULL;
+  }
+  inflate_pool *p = get_pool(env);
+  if (!p) return NULL;
+  inflate_job *job = (inflate_job *)calloc(1, sizeof *job);
+  if (!job) {
+    napi_throw_error(env, "ERR_ZLIB_MEM", "out of memory allocating an inflate job");
+    return NULL;
+  }
+  if (!parse_inflate_args(env, argv, &job->a)) {
+    free(job);
+    return NULL;
+  }
+  napi_value held[5] = {argv[0], argv[1], argv[4], argv[8], argv[9]};
+  int made = 0;
+  for (; made < 5; made++)
+    if (napi_create_reference(env, held[made], 1, &job->refs[made]) != napi_ok) break;
+  if (made < 5) {
+    for (int i = 0; i < made; i++) napi_delete_reference(env, job->refs[i]);
+    free(job);
+    throw_last_error(env, "napi_create_reference");
+    return NULL;
+  }
+  job->a.z->busy = 1;
+  if (p->pending++ == 0) napi_ref_threadsafe_function(env, p->tsfn);
+  pthread_mutex_lock(&p->mu);
+  if (p->tail) p->tail->next = job;
+  else p->head = job;
+  p->tail = job;
+  pthread_cond_signal(&p->cv);
+  pthread_mutex_unlock(&p->mu);
   return NULL;
 }
 
@@ -344,6 +542,10 @@ static napi_value js_end(napi_env env, napi_callback_info info) {
     return NULL;
   }
   zinflater *z = (zinflater *)data;
+  if (z->busy) {
+    z->end_pending = 1; /* the job still uses strm */
+    return NULL;
+  }
   if (z->live) {
     zinflater_release(z);
     int64_t adjusted;
@@ -360,6 +562,7 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"create", NULL, js_create, NULL, NULL, NULL, napi_enumerable, NULL},
       {"inflate", NULL, js_inflate, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"inflateAsync", NULL, js_inflate_async, NULL, NULL, NULL, napi_enumerable, NULL},
       {"reset", NULL, js_reset, NULL, NULL, NULL, napi_enumerable, NULL},
       {"prime", NULL, js_prime, NULL, NULL, NULL, napi_enumerable, NULL},
       {"setDictionary", NULL, js_set_dictionary, NULL, NULL, NULL, napi_enumerable, NULL},
