@@ -377,16 +377,8 @@ export class LayerFs {
           cb(0, n.target);
         },
       ),
-      opendir: guard(
-        'opendir',
-        (_p, _f, cb) => cb(EIO),
-        (path, _flags, cb) => {
-          const n = this.node(path);
-          if (n === undefined) return cb(ENOENT);
-          if (n.kind !== 'dir') return cb(ENOTDIR);
-          cb(0, n.ino);
-        },
-      ),
+      // No opendir (nor releasedir): libfuse opens directories itself, a round trip into JS less
+      // per directory listed; the kernel sends opendir only for a directory it looked up.
       readdir: guard(
         'readdir',
         (_p, cb) => cb(EIO),
