@@ -115,6 +115,8 @@ export class SpanManager {
   private closed = false;
   /** `read` calls not yet answered (the background fetcher yields while there are any). */
   private foreground = 0;
+  /** readCachedInto's span lookups, reused (no array per warm read). */
+  private readonly cachedParts: Buffer[] = [];
   /** Disk writes of fetched spans in progress, by span (fetchToDisk waits for them). */
   private readonly storing = new Map<number, Promise<void>>();
 
@@ -197,15 +199,18 @@ export class SpanManager {
     const first = this.index.spanFor(offset);
     const last = this.index.spanFor(end - 1);
     // Look every span up before copying anything, so a miss leaves no trace.
-    for (let id = first; id <= last; id++) if (this.inMemory(id, end) === undefined) return -1;
-    let pos = 0;
+    const parts = this.cachedParts;
+    parts.length = 0;
     for (let id = first; id <= last; id++) {
-      const span = this.index.spans[id]!;
-      const buf = this.inMemory(id, end)!;
-      const from = Math.max(offset, span.uncompressedStart) - span.uncompressedStart;
-      const to = Math.min(end, span.uncompressedEnd) - span.uncompressedStart;
-      pos += buf.copy(dst, pos, from, to);
+      const buf = this.inMemory(id, end);
+      if (buf === undefined) {
+        parts.length = 0;
+        return -1;
+      }
+      parts.push(buf);
     }
+    const pos = this.copySpans(parts, first, offset, end, dst);
+    parts.length = 0; // hold no span past the call
     this.counters.reads++;
     this.counters.memoryHits += last - first + 1;
     this.counters.bytesRead += pos;
@@ -254,14 +259,20 @@ export class SpanManager {
       return parts[0]!.subarray(from, from + (end - offset));
     }
     const out = Buffer.allocUnsafe(end - offset);
+    this.copySpans(parts, first, offset, end, out);
+    return out;
+  }
+
+  /** Copies tar bytes [offset, end) from the inflated spans `parts` (span `first` on) to `dst`; returns how many. */
+  private copySpans(parts: readonly Buffer[], first: number, offset: number, end: number, dst: Buffer): number {
     let pos = 0;
     for (let i = 0; i < parts.length; i++) {
       const span = this.index.spans[first + i]!;
       const from = Math.max(offset, span.uncompressedStart) - span.uncompressedStart;
       const to = Math.min(end, span.uncompressedEnd) - span.uncompressedStart;
-      pos += parts[i]!.copy(out, pos, from, to);
+      pos += parts[i]!.copy(dst, pos, from, to);
     }
-    return out;
+    return pos;
   }
 
   /**

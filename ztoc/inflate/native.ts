@@ -118,7 +118,7 @@ class NativeInflater implements Inflater {
     windowBits: number,
   ) {
     this.handle = addon.create(windowBits);
-    if (typeof addon.inflateAsync === 'function') this.inflateAsync = this.inflateOnPool.bind(this);
+    if (typeof addon.inflateAsync === 'function') this.inflateAsync = this.inflateOnThread.bind(this);
   }
 
   inflate(
@@ -130,8 +130,13 @@ class NativeInflater implements Inflater {
     outEnd: number,
     flush: number,
   ): InflateStep {
+    this.addon.inflate(this.handle, input, inStart, inEnd, output, outStart, outEnd, flush, this.result);
+    return this.readStep();
+  }
+
+  /** The step object, from what the addon wrote into `result`. */
+  private readStep(): InflateStep {
     const r = this.result;
-    this.addon.inflate(this.handle, input, inStart, inEnd, output, outStart, outEnd, flush, r);
     const step = this.step;
     step.status = r[0];
     step.consumed = r[1];
@@ -143,7 +148,7 @@ class NativeInflater implements Inflater {
   /** inflate() on one of the addon's threads (see Inflater.inflateAsync); set when the addon has it. */
   readonly inflateAsync?: Inflater['inflateAsync'];
 
-  private inflateOnPool(
+  private inflateOnThread(
     input: Uint8Array,
     inStart: number,
     inEnd: number,
@@ -152,16 +157,10 @@ class NativeInflater implements Inflater {
     outEnd: number,
     flush: number,
   ): Promise<InflateStep> {
-    const r = this.result;
     return new Promise((resolve, reject) => {
-      this.addon.inflateAsync!(this.handle, input, inStart, inEnd, output, outStart, outEnd, flush, r, (err) => {
+      this.addon.inflateAsync!(this.handle, input, inStart, inEnd, output, outStart, outEnd, flush, this.result, (err) => {
         if (err !== null) return reject(err);
-        const step = this.step;
-        step.status = r[0];
-        step.consumed = r[1];
-        step.produced = r[2];
-        step.dataType = r[3];
-        resolve(step);
+        resolve(this.readStep());
       });
     });
   }

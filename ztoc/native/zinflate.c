@@ -87,16 +87,19 @@ static void zinflater_release(zinflater *z) {
   }
 }
 
+/* Ends the stream (idempotent) and tells V8 its native memory is gone. */
+static void zinflater_end(napi_env env, zinflater *z) {
+  if (!z->live) return;
+  zinflater_release(z);
+  int64_t adjusted;
+  napi_adjust_external_memory(env, -INFLATER_EXTERNAL_BYTES, &adjusted);
+}
+
 static void zinflater_finalize(napi_env env, void *data, void *hint) {
   (void)hint;
   zinflater *z = (zinflater *)data;
-  int was_live = z->live;
-  zinflater_release(z);
+  zinflater_end(env, z);
   free(z);
-  if (was_live) {
-    int64_t adjusted;
-    napi_adjust_external_memory(env, -INFLATER_EXTERNAL_BYTES, &adjusted);
-  }
 }
 
 /* Reads a JS number that must be an integer in [min, max]. Returns 0 and
@@ -265,7 +268,7 @@ static int parse_inflate_args(napi_env env, napi_value *argv, inflate_args *a) {
   return 1;
 }
 
-/* One inflate() call; fills result[0..3]. Touches no JS: runs on the pool too. */
+/* One inflate() call; fills result[0..3]. Touches no JS: runs on the inflate threads too. */
 static void run_inflate(inflate_args *a) {
   z_stream *s = &a->z->strm;
   s->next_in = a->in + a->in_start;
@@ -359,11 +362,7 @@ static void inflate_job_done(napi_env env, napi_value js_cb, void *context, void
   z->busy = 0;
   if (z->end_pending) {
     z->end_pending = 0;
-    if (z->live) {
-      zinflater_release(z);
-      int64_t adjusted;
-      napi_adjust_external_memory(env, -INFLATER_EXTERNAL_BYTES, &adjusted);
-    }
+    zinflater_end(env, z);
   }
   napi_value cb = NULL, global = NULL, arg = NULL;
   napi_get_reference_value(env, job->refs[4], &cb);
@@ -546,11 +545,7 @@ static napi_value js_end(napi_env env, napi_callback_info info) {
     z->end_pending = 1; /* the job still uses strm */
     return NULL;
   }
-  if (z->live) {
-    zinflater_release(z);
-    int64_t adjusted;
-    napi_adjust_external_memory(env, -INFLATER_EXTERNAL_BYTES, &adjusted);
-  }
+  zinflater_end(env, z);
   /* The struct itself stays until the finalizer, so a stale handle throws
    * "inflater has been ended" rather than touching freed memory. */
   return NULL;
