@@ -105,6 +105,8 @@ interface Entry {
   params: MountParams;
   mountedAt: string;
   mountMs: number;
+  /** Cleared when the mount is taken down: a late callback then records nothing (no series comes back after forgetLayer). */
+  live: { on: boolean };
 }
 
 function message(err: unknown): string {
@@ -435,6 +437,7 @@ export class FuseManager {
       const sink = this.sink;
       const digest = layer.digest;
       const disk = this.disk;
+      const live = { on: true };
       const fs = await mountLazyLayer({
         repo,
         layer: layerDesc,
@@ -459,14 +462,20 @@ export class FuseManager {
         ...(sink === undefined
           ? {}
           : {
-              onOp: (op: string, ms: number, ok: boolean) => sink.fuseOp(op, digest, ms, ok),
-              onFetch: (bytes: number) => sink.fetched(digest, bytes, 1),
-              onFetchError: (err: unknown) => sink.fetchError(digest, fetchErrorKind(err)),
+              onOp: (op: string, ms: number, ok: boolean) => {
+                if (live.on) sink.fuseOp(op, digest, ms, ok);
+              },
+              onFetch: (bytes: number) => {
+                if (live.on) sink.fetched(digest, bytes, 1);
+              },
+              onFetchError: (err: unknown) => {
+                if (live.on) sink.fetchError(digest, fetchErrorKind(err));
+              },
             }),
       });
       const mountMs = Math.round(performance.now() - t0);
       this.disk.retain(mountpoint, ztoc.ztoc.compressionInfo.spanDigests);
-      this.mounts.set(mountpoint, { fs, params, mountedAt: new Date().toISOString(), mountMs });
+      this.mounts.set(mountpoint, { fs, params, mountedAt: new Date().toISOString(), mountMs, live });
       this.background.add(fs.spans);
       sink?.mountLatency(digest, mountMs);
       log.info('layer mounted lazily', { image: params.imageRef, ztoc: params.ztoc.digest, spans: fs.spans.spanCount, local: fs.spans.localSpans, ms: mountMs, preloaded: pre !== undefined, tag: params.tag });
@@ -515,6 +524,11 @@ export class FuseManager {
       this.opts.logger.warn('FUSE unmount failed; detaching lazily', { mountpoint, error: err });
       const r = await runCommand('umount', ['-l', mountpoint]);
       if (r.code !== 0) throw new FuseManagerError('fuse', mountpoint, `cannot unmount: ${message(err)}; umount -l: ${r.stderr}`, { cause: err });
+    } finally {
+      e.live.on = false;
+      // The layer's series (FUSE ops, fetched bytes, progress, complete) go with its last mount,
+      // else every layer ever mounted keeps its label sets for the manager's lifetime.
+      if (![...this.mounts.values()].some((o) => o.params.layer.digest === digest)) this.sink?.forgetLayer?.(digest);
     }
   }
 

@@ -32,6 +32,8 @@ export interface MetricsSink {
   layerMode(layer: string, mode: LayerModeName, reason: string): void;
   /** The FUSE manager in use: its build, and whether it is this snapshotter's (`current`). */
   fuseManagerInfo?(info: FuseManagerInfo): void;
+  /** Drops every per-layer series of a layer that nothing serves any more (label sets stay bounded). */
+  forgetLayer?(layer: string): void;
   /** Prometheus text exposition of everything recorded (for the FUSE manager's `metrics` call). */
   render?(): Promise<string> | string;
   /** The same, under daemon/metrics.ts's name for it. */
@@ -60,6 +62,7 @@ export function safeSink(sink: MetricsSink | undefined, onError: (err: unknown) 
     layerComplete: wrap(sink.layerComplete),
     layerMode: wrap(sink.layerMode),
     ...(sink.fuseManagerInfo !== undefined ? { fuseManagerInfo: wrap(sink.fuseManagerInfo) } : {}),
+    ...(sink.forgetLayer !== undefined ? { forgetLayer: wrap(sink.forgetLayer) } : {}),
     ...(sink.render !== undefined ? { render: () => sink.render!() } : sink.text !== undefined ? { render: () => sink.text!() } : {}),
   };
 }

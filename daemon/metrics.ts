@@ -42,8 +42,9 @@
  *
  * plus prom-client's Node process metrics (`process_*`, `nodejs_*`: CPU, RSS, heap, fds,
  * event-loop lag, GC). A layer has exactly one soci_ts_layer_mode series (a new mode replaces
- * the old one); forgetLayer() drops every per-layer series of a layer (call it when the last
- * snapshot of the layer is removed, so that label sets do not grow without bound).
+ * the old one); forgetLayer() drops every per-layer series of a layer (the FUSE manager calls it
+ * when the layer's last mount goes, the snapshotter when its last snapshot is removed), so that
+ * label sets do not grow without bound.
  *
  * Merging two processes. Every sample a sink exports carries the label `process` (the sink's
  * `process` option: `snapshotter` by default, `fuse-manager` for the FUSE-serving process), so

@@ -818,6 +818,15 @@ export class RemoteSnapshots {
     }
   }
 
+  /**
+   * After a snapshot's metadata is gone: when no snapshot of its layer is left, the layer's
+   * metrics series (its mode) go too, so label sets do not grow with every layer ever prepared.
+   */
+  layerRemoved(layerDigest: string): void {
+    if (this.deps.metadata.list().some((r) => r.remote?.layerDigest === layerDigest)) return;
+    this.sink?.forgetLayer?.(layerDigest);
+  }
+
   /** Before a directory without metadata is removed: unmount what the manager serves under it, detach the rest. */
   async releaseUnder(dir: string): Promise<void> {
     const under = await mountsUnder(dir);

@@ -351,6 +351,7 @@ export class Snapshotter {
     try {
       if (removed.details !== undefined && this.remote !== undefined) await this.remote.removed(removed);
       else if (this.remote !== undefined) await this.remote.releaseUnder(dir);
+      if (removed.remote !== undefined) this.remote?.layerRemoved(removed.remote.layerDigest);
       // Never recurse into a mount (a FUSE layer that could not be detached): Cleanup retries.
       const left = await mountsUnder(dir);
       if (left.length > 0) this.log.warn('snapshot directory still has mounts; leaving it for Cleanup', { key, path: dir, mounts: left.map((m) => m.mountpoint) });

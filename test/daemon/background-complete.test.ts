@@ -3,7 +3,8 @@
  * span is local, the snapshotter's metrics endpoint says so (`soci_ts_layer_complete{layer} 1`,
  * `soci_ts_layer_spans_local` = `soci_ts_layer_spans`), the manager logs it, and the disk cache
  * holds every span of the zTOC, each file named by the sha256 of its bytes (re-hashed here), so
- * an operator can tell the container no longer depends on the registry. Real docker-registry,
+ * an operator can tell the container no longer depends on the registry; and once the layer's
+ * snapshot and last mount are gone, no series of the layer is left in either process. Real docker-registry,
  * `soci-ts create --push`, `soci-ts snapshotter` with its FUSE manager and metrics endpoint.
  */
 import t from 'tap';
@@ -94,4 +95,25 @@ t.test('every span fetched in the background: the metric, the log and the disk c
   t.same([...onDisk].filter(([name, sum]) => `sha256:${sum}` !== name).map(([n]) => n), [], 'each span file hashes to its name (the span digest)');
   const log = await readFile(path.join(root, 'fuse-manager.log'), 'utf8');
   t.ok(log.split('\n').some((l) => l.includes(indexed.digest) && l.includes('"msg":"layer is complete')), 'the manager logged that the layer is complete');
+
+  // Per-layer series leave with the layer's last snapshot and last mount: a daemon that has
+  // served many images does not keep a label set for every layer it ever saw.
+  const seriesOf = (f: Map<string, { samples: { name: string; labels: Record<string, string> }[] }>, proc: string): string[] =>
+    [...f.values()].flatMap((fam) => fam.samples.filter((s) => s.labels.layer === indexed.digest && s.labels.process === proc).map((s) => s.name));
+  fams = await scrapeDaemon(d);
+  t.ok(seriesOf(fams, 'snapshotter').includes('soci_ts_layer_mode'), 'before removal: the snapshotter has the layer\'s mode series');
+  t.ok(seriesOf(fams, 'fuse-manager').length > 3, 'before removal: the FUSE manager has the layer\'s series');
+  // A second mount of the same layer (as a second snapshot of it would have) keeps the manager's series.
+  const extra = path.join(work, 'extra-mount');
+  await mc.call('mount', { mountpoint: extra, imageRef: pushed.ref, layer: wireOf(layerDesc), ztoc: ztocDesc });
+  await c.remove(target);
+  fams = await scrapeDaemon(d);
+  t.same(seriesOf(fams, 'snapshotter'), [], 'the snapshot removed: no series of the layer is left in the snapshotter');
+  t.ok(seriesOf(fams, 'fuse-manager').includes('soci_ts_layer_complete'), 'another mount of the layer: the manager keeps its series');
+  t.same(await mc.call('unmount', { mountpoint: extra, release: false }), { unmounted: true, released: 0 }, 'the other mount unmounted');
+  fams = await scrapeDaemon(d);
+  t.same(seriesOf(fams, 'fuse-manager'), [], 'the last mount gone: no series of the layer is left in the manager');
+  // Not vacuous: the manager answered this scrape, and its text was merged into it.
+  t.equal(value(fams, 'soci_ts_metrics_source_up', { source: 'fuse-manager' }), 1, 'the manager answered the scrape');
+  t.ok(value(fams, 'process_resident_memory_bytes', { process: 'fuse-manager' })! > 0, 'the manager\'s own series are in the scrape');
 });
