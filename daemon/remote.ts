@@ -823,7 +823,13 @@ export class RemoteSnapshots {
    * metrics series (its mode) go too, so label sets do not grow with every layer ever prepared.
    */
   layerRemoved(layerDigest: string): void {
-    if (this.deps.metadata.list().some((r) => r.remote?.layerDigest === layerDigest)) return;
+    try {
+      if (this.deps.metadata.list().some((r) => r.remote?.layerDigest === layerDigest)) return;
+    } catch (err) {
+      // Metrics are not worth failing a removal for: the series stay until the next removal of the layer.
+      this.log.warn('cannot tell whether other snapshots use the layer; its metrics are kept', { layer: layerDigest, error: err });
+      return;
+    }
     this.sink?.forgetLayer?.(layerDigest);
   }
 
