@@ -576,7 +576,13 @@ export class ArtifactStore {
       await fh.close();
     }
     const now = new Date();
-    await utimes(path, now, now);
+    try {
+      await utimes(path, now, now);
+    } catch (err) {
+      // Collected by another process between the check and the touch: write it again.
+      if (errCode(err) === 'ENOENT') return false;
+      throw err;
+    }
     return true;
   }
 
