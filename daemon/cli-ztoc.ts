@@ -166,8 +166,11 @@ function writeToStdout(data: Uint8Array): Promise<void> {
 }
 
 export function versionCommand(): Command {
-  return new Command('version').description('print version and the inflate engine in use').action(() => {
-    process.stdout.write(`soci-ts ${VERSION} (node ${process.version}, inflate: ${inflateEngine().name})\n`);
+  return new Command('version').description('print the version, the inflate engine and whether FUSE reads have the native path').action(async () => {
+    // Loaded here only: the fs module loads the FUSE binding.
+    const { nativeReadAvailable } = await import('../fs/index.js');
+    const reads = nativeReadAvailable() ? 'native' : 'javascript';
+    process.stdout.write(`soci-ts ${VERSION} (node ${process.version}, inflate: ${inflateEngine().name}, fuse reads: ${reads})\n`);
   });
 }
 

@@ -102,12 +102,21 @@ const COMPACT_MIN_BYTES = 64 * 1024;
  * Inflated spans in memory, bounded in bytes. Buffers are stored and returned as they are (no
  * copy): callers must not modify a buffer after `set` or one returned by `get`.
  */
+/** See {@link InflatedSpanCache.watch}. */
+export interface SpanCacheWatcher {
+  cached(spanId: number, data: Buffer): void;
+  dropped(spanId: number): void;
+  recentlyUsed(): Iterable<number>;
+}
+
 export class InflatedSpanCache {
   readonly maxBytes: number;
   private readonly lru: LRUCache<string, Buffer>;
   /** Span ids cached per layer, so a layer can be dropped without scanning the cache. */
   private readonly layers = new Map<string, Set<number>>();
   private counters = { hits: 0, misses: 0, evictions: 0, rejected: 0, compacted: 0 };
+  /** Who holds pointers into cached spans, by layer (see watch). */
+  private readonly watchers = new Map<string, Set<SpanCacheWatcher>>();
 
   constructor(options: InflatedSpanCacheOptions = {}) {
     this.maxBytes = sizeOption('maxBytes', options.maxBytes, DEFAULT_INFLATED_CACHE_BYTES, 1);
@@ -120,6 +129,8 @@ export class InflatedSpanCache {
         if (reason === 'set') return;
         if (reason === 'evict') this.counters.evictions++;
         const { layer, span } = splitKey(key);
+        const watching = this.watchers.get(layer);
+        if (watching !== undefined) for (const w of watching) w.dropped(span);
         const spans = this.layers.get(layer);
         if (spans === undefined) return;
         spans.delete(span);
@@ -160,11 +171,42 @@ export class InflatedSpanCache {
       buf = Buffer.from(buf);
       this.counters.compacted++;
     }
+    // About to evict: first tell the LRU which spans were read where it could not see.
+    if (this.watchers.size > 0 && this.lru.calculatedSize + Math.max(1, buf.byteLength) > this.maxBytes) this.refreshWatched();
     let spans = this.layers.get(layerDigest);
     if (spans === undefined) this.layers.set(layerDigest, (spans = new Set()));
     spans.add(spanId);
     this.lru.set(key, buf);
+    const watching = this.watchers.get(layerDigest);
+    if (watching !== undefined) for (const w of watching) w.cached(spanId, buf);
     return true;
+  }
+
+  /**
+   * Tells `watcher` of every span of the layer cached now and from now on (`cached`) and of
+   * each one leaving the cache (`dropped`, synchronously, before its buffer can be reused), and
+   * asks it for the spans it has read (`recentlyUsed`) before the cache evicts anything. For a
+   * reader that keeps pointers into cached spans (the native read path). Returns the unwatch.
+   */
+  watch(layerDigest: string, watcher: SpanCacheWatcher): () => void {
+    let set = this.watchers.get(layerDigest);
+    if (set === undefined) this.watchers.set(layerDigest, (set = new Set()));
+    set.add(watcher);
+    for (const id of this.layers.get(layerDigest) ?? []) {
+      const buf = this.lru.peek(spanKey(layerDigest, id));
+      if (buf !== undefined) watcher.cached(id, buf);
+    }
+    return () => {
+      const s = this.watchers.get(layerDigest);
+      if (s === undefined || !s.delete(watcher)) return;
+      if (s.size === 0) this.watchers.delete(layerDigest);
+    };
+  }
+
+  private refreshWatched(): void {
+    for (const [layer, set] of this.watchers) {
+      for (const w of set) for (const id of w.recentlyUsed()) this.lru.get(spanKey(layer, id));
+    }
   }
 
   delete(layerDigest: string, spanId: number): boolean {

@@ -73,6 +73,8 @@ declare module 'fuse-native' {
     opts: FuseOptions;
     mount(cb: (err: Error | null) => void): void;
     unmount(cb: (err: Error | null) => void): void;
+    /** fuse-native's fuse_thread_t of the mount (set by mount). */
+    protected _thread: Buffer | null;
     protected _fuseOptions(): string;
     protected _op_getxattr(signal: Signal, path: string, name: string, valueBuf: Buffer, position: number): void;
     protected _op_listxattr(signal: Signal, path: string, listBuf: Buffer): void;

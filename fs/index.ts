@@ -12,9 +12,11 @@ export {
   DEFAULT_INFLATED_CACHE_BYTES,
   DEFAULT_SPAN_STORE_BYTES,
   type InflatedSpanCacheOptions,
+  type SpanCacheWatcher,
   type CompressedSpanStoreOptions,
 } from './cache.js';
 export { LayerFs, FuseError, checkFuse, type LayerFsOptions, type LayerFsCounters, type FuseErrorKind } from './layerfs.js';
+export { nativeReadAvailable, type NativeReadStats } from './native-read.js';
 export { unpackLayer, removeUnpackLeftovers, UnpackError, type UnpackOptions, type UnpackResult, type UnpackErrorKind } from './unpack.js';
 export {
   BackgroundFetcher,

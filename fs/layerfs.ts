@@ -17,6 +17,7 @@ import Fuse, { type FuseOps, type FuseStat } from 'fuse-native';
 import { nullLogger, type Logger } from '../fetcher/index.js';
 import type { LayerIndex } from '../ztoc/index.js';
 import { InodeTable, statfsOf, type Node } from './inodes.js';
+import { NativeReadTable, type NativeReadStats } from './native-read.js';
 import { SpanManager, type CompressedSpanStoreLike, type InflatedSpanCacheLike, type SpanSource } from './spans.js';
 
 const E = osConstants.errno;
@@ -83,7 +84,13 @@ export interface LayerFsOptions {
   readAhead?: boolean;
   /** `allow_other` + `default_permissions`, so containers read as any user. Default true. */
   allowOther?: boolean;
-  /** Called after every FUSE operation (for latency metrics). */
+  /**
+   * Answer reads of files already read once, whose spans are in the memory cache, in the
+   * libfuse worker (native-read.ts) instead of JavaScript. Default true; without the binding
+   * built by scripts/setup (or with SOCI_TS_NATIVE_READ=0) every read goes to JavaScript.
+   */
+  nativeReads?: boolean;
+  /** Called after every FUSE operation JavaScript answers (for latency metrics; reads answered natively are counted in `counters`, not timed). */
   onOp?: (op: string, ms: number, ok: boolean) => void;
   /**
    * The kernel's read-ahead for the mount, in KiB (its bdi `read_ahead_kb`; 0 leaves the
@@ -103,6 +110,11 @@ export interface LayerFsCounters {
 
 /** fuse-native with `use_ino` (our inode numbers, so hardlinks share one) and ERANGE-correct xattr ops. */
 class LayerFuse extends Fuse {
+  /** The mount's fuse-native thread buffer (for the native read path), once mounted. */
+  get thread(): Buffer | null {
+    return this._thread;
+  }
+
   protected override _fuseOptions(): string {
     const base = super._fuseOptions();
     // The tree never changes: the kernel may also remember names that are not there (overlayfs
@@ -211,7 +223,11 @@ export class LayerFs {
   readonly layerDigest: string;
   readonly table: InodeTable;
   readonly spans: SpanManager;
-  readonly counters: LayerFsCounters = { ops: 0, errors: 0, reads: 0, bytesRead: 0 };
+  /** Counts of the ops JavaScript answered; `counters` adds the reads answered natively. */
+  private readonly own: LayerFsCounters = { ops: 0, errors: 0, reads: 0, bytesRead: 0 };
+  /** The native read path's table of this mount (see native-read.ts), when available. */
+  private native: NativeReadTable | undefined;
+  private unwatch: (() => void) | undefined;
   private readonly logger: Logger;
   private readonly fuse: LayerFuse;
   private readonly onOp: ((op: string, ms: number, ok: boolean) => void) | undefined;
@@ -277,6 +293,7 @@ export class LayerFs {
       throw new FuseError('mount-failed', opts.mountpoint, `fuse mount failed: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
     }
     fs.mounted = true;
+    if (opts.nativeReads !== false) fs.attachNative(opts.memory);
     const readAhead = opts.kernelReadAheadKiB ?? DEFAULT_KERNEL_READ_AHEAD_KIB;
     if (readAhead > 0) await setKernelReadAhead(realMountpoint, readAhead, fs.logger);
     fs.logger.info('layer mounted', { mountpoint: opts.mountpoint, inodes: table.count, spans: fs.spans.spanCount, ms: Math.round(performance.now() - t0) });
@@ -284,9 +301,47 @@ export class LayerFs {
     return fs;
   }
 
+  /** What the kernel asked of this mount, the reads answered natively included. */
+  get counters(): LayerFsCounters {
+    const n = this.native?.stats();
+    if (n === undefined) return { ...this.own };
+    return { ops: this.own.ops + n.reads, errors: this.own.errors, reads: this.own.reads + n.reads, bytesRead: this.own.bytesRead + n.bytes };
+  }
+
+  /** Reads answered by the libfuse workers without JavaScript (zero without the native read path). */
+  get nativeReads(): NativeReadStats {
+    return this.native?.stats() ?? { reads: 0, bytes: 0 };
+  }
+
+  private attachNative(memory: LayerFsOptions['memory']): void {
+    const thread = this.fuse.thread;
+    if (memory.watch === undefined || thread === null) return;
+    try {
+      this.native = NativeReadTable.attach(thread, this.spans.index);
+    } catch (err) {
+      this.logger.warn('native read path unavailable for this mount; reads go through JavaScript', { error: err });
+      return;
+    }
+    const native = this.native;
+    if (native === undefined) return;
+    this.unwatch = memory.watch(this.layerDigest, {
+      cached: (id, data) => native.span(id, data),
+      dropped: (id) => native.span(id, undefined),
+      recentlyUsed: () => native.recentlyUsed(),
+    });
+  }
+
+  private detachNative(): void {
+    this.unwatch?.();
+    this.unwatch = undefined;
+    this.native?.detach();
+  }
+
   /** Unmounts (idempotent). Reads still waiting for the registry get EIO. */
   unmount(): Promise<void> {
     this.closing ??= (async () => {
+      // From here every read goes to JavaScript, which answers as a closing mount does.
+      this.detachNative();
       this.spans.close();
       for (const p of this.pending) p.cb(EIO);
       this.pending.clear();
@@ -313,8 +368,8 @@ export class LayerFs {
   }
 
   private done(op: string, t0: number, ok: boolean): void {
-    this.counters.ops++;
-    if (!ok) this.counters.errors++;
+    this.own.ops++;
+    if (!ok) this.own.errors++;
     this.onOp?.(op, performance.now() - t0, ok);
   }
 
@@ -326,7 +381,7 @@ export class LayerFs {
           body(...a);
         } catch (err) {
           this.logger.error('FUSE operation failed', { op, error: err });
-          this.counters.errors++;
+          this.own.errors++;
           fail(...a);
         }
       };
@@ -453,7 +508,9 @@ export class LayerFs {
     const n = this.table.get(fd) ?? this.node(path);
     if (n === undefined) return cb(EBADF);
     if (n.kind !== 'reg') return cb(EISDIR);
-    this.counters.reads++;
+    // Later reads of this path whose spans are in memory are answered natively.
+    this.native?.file(path, n.dataOffset, n.size);
+    this.own.reads++;
     const want = Math.min(len, n.size - pos);
     if (want <= 0) {
       this.done('read', t0, true);
@@ -461,7 +518,7 @@ export class LayerFs {
     }
     const cached = this.spans.readCachedInto(n.dataOffset + pos, want, buf);
     if (cached >= 0) {
-      this.counters.bytesRead += cached;
+      this.own.bytesRead += cached;
       this.done('read', t0, true);
       return cb(cached);
     }
@@ -471,7 +528,7 @@ export class LayerFs {
       (data) => {
         if (!this.pending.delete(pending)) return; // answered at unmount
         const copied = data.copy(buf, 0, 0, Math.min(data.length, len));
-        this.counters.bytesRead += copied;
+        this.own.bytesRead += copied;
         this.done('read', t0, true);
         cb(copied);
       },

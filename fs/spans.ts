@@ -9,6 +9,7 @@
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { SpanInflater, inflateEngine, type InflateEngine, type LayerIndex } from '../ztoc/index.js';
 import { nullLogger, type Logger } from '../fetcher/index.js';
+import type { SpanCacheWatcher } from './cache.js';
 
 export type SpanState = 'unfetched' | 'fetching' | 'fetched' | 'inflated';
 
@@ -21,6 +22,8 @@ export interface SpanSource {
 export interface InflatedSpanCacheLike {
   get(layerDigest: string, spanId: number): Buffer | undefined;
   set(layerDigest: string, spanId: number, data: Buffer): void;
+  /** Optional: see InflatedSpanCache.watch (the native read path needs it). */
+  watch?(layerDigest: string, watcher: SpanCacheWatcher): () => void;
 }
 
 /** Compressed spans on disk, content-addressed by span digest; `get` verifies, `put` never loses a read. */

@@ -615,6 +615,63 @@ t.test('inflated span cache: deleteLayer frees one layer’s spans only', async 
   t.equal(tight.stats().evictions, 4);
 });
 
+t.test('inflated span cache: a watcher sees every span of its layer come and go, and its reads count as uses', async (t) => {
+  const cache = new InflatedSpanCache({ maxBytes: 1 * MiB });
+  const L1 = 'sha256:' + '1'.repeat(64);
+  const L2 = 'sha256:' + '2'.repeat(64);
+  const bufs = spans(10, 250 * KiB).map((s) => Buffer.from(s.bytes));
+  cache.set(L1, 0, bufs[0]);
+  cache.set(L2, 0, bufs[1]);
+  // What the native read path keeps: span → buffer, exactly as the cache holds it.
+  const held = new Map<number, Buffer>();
+  let used: number[] = [];
+  const log: string[] = [];
+  const unwatch = cache.watch(L1, {
+    cached: (id, data) => {
+      held.set(id, data);
+      log.push(`+${id}`);
+    },
+    dropped: (id) => {
+      held.delete(id);
+      log.push(`-${id}`);
+    },
+    recentlyUsed: () => {
+      const u = used;
+      used = [];
+      return u;
+    },
+  });
+  t.same(log, ['+0'], 'spans cached before the watch are told at once; other layers are not');
+  t.equal(held.get(0), bufs[0], 'the very buffer the cache holds');
+  cache.set(L1, 1, bufs[2]);
+  cache.set(L1, 2, bufs[3]);
+  t.same(log, ['+0', '+1', '+2']);
+  // Full (4 × 250 KiB with L2's span): the next set evicts the least recently used. The
+  // watcher read span 0 where the cache could not see it, so span 0 stays and L2's goes.
+  used = [0];
+  cache.set(L1, 3, bufs[4]);
+  t.ok(cache.has(L1, 0), 'a span the watcher reported used is kept');
+  t.notOk(cache.has(L2, 0), 'the least recently used one goes instead');
+  cache.set(L1, 4, bufs[5]); // evicts span 1 now (nothing reported)
+  t.notOk(cache.has(L1, 1));
+  t.same(log, ['+0', '+1', '+2', '+3', '-1', '+4'], 'the eviction is told during the set, before the new span');
+  cache.set(L1, 2, bufs[6]); // a new value for a cached span
+  t.equal(held.get(2), bufs[6], 'a replaced span is told with its new buffer');
+  cache.delete(L1, 3);
+  t.notOk(held.has(3), 'delete is told');
+  cache.deleteLayer(L1);
+  t.equal(held.size, 0, 'deleteLayer is told span by span');
+  cache.set(L1, 5, bufs[7]);
+  cache.clear();
+  t.equal(held.size, 0, 'clear is told');
+  t.same([...held.keys()], []);
+  for (const [id, buf] of held) t.equal(cache.get(L1, id), buf);
+  unwatch();
+  cache.set(L1, 6, bufs[8]);
+  t.notOk(held.has(6), 'after unwatch nothing is told');
+  unwatch(); // idempotent
+});
+
 // --- throughput -----------------------------------------------------------------------------
 
 t.test('throughput of 4 MiB spans (put, get) against writeFile/readFile in the same run', async (t) => {

@@ -25,7 +25,7 @@ import { largeDirLayer, layer, run, testCacheDir, LARGE_DIR, LARGE_DIR_PERMS, ty
 import { compareTrees, snapshotTree, type TreeEntry } from '../helpers/tree.js';
 import { jsonLogger, RegistryClient, type Descriptor, type Logger } from '../../fetcher/index.js';
 import { buildZtocFromFile, LayerIndex } from '../../ztoc/index.js';
-import { CompressedSpanStore, InflatedSpanCache, LayerFs, type LayerFsOptions } from '../../fs/index.js';
+import { CompressedSpanStore, InflatedSpanCache, LayerFs, nativeReadAvailable, type LayerFsOptions } from '../../fs/index.js';
 
 const work = await mkdtemp(path.join(tmpdir(), 'soci-ts-layerfs-'));
 const mounted = new Set<LayerFs>();
@@ -289,6 +289,64 @@ async function readAt(p: string, offset: number, length: number): Promise<Buffer
 
 t.test('64 concurrent readers, tiny memory cache (evictions)', (tt) => concurrentReaders(tt, 2 << 20));
 t.test('64 concurrent readers, large memory cache', (tt) => concurrentReaders(tt, 512 << 20));
+
+const dropPageCache = (): Promise<unknown> => run('sh', ['-c', 'sync; echo 3 > /proc/sys/vm/drop_caches']);
+
+/** Reads every file of the list through the mount and compares each with the oracle; returns how many differ. */
+async function readAllAgainstOracle(m: LayerFs, p: Pushed, names: readonly string[]): Promise<number> {
+  let wrong = 0;
+  for (const q of names) {
+    const [a, b] = await Promise.all([readFile(path.join(m.mountpoint, q)), readFile(path.join(p.oracle, q))]);
+    if (!a.equals(b)) wrong++;
+  }
+  return wrong;
+}
+
+t.test('warm reads are answered natively, with the right bytes, also while spans leave the memory cache', async (tt) => {
+  tt.ok(nativeReadAvailable(), 'scripts/setup built the native read path into fuse-native');
+  const tree = await snapshotTree(usr.oracle, { hash: false });
+  const names = [...tree].filter(([, e]) => e.type === 'reg' && e.size > 0).map(([q]) => q);
+  const big = [...tree].filter(([, e]) => e.type === 'reg').sort((a, b) => b[1].size - a[1].size)[0]!;
+
+  // A large memory cache: the second pass over every file is answered without JavaScript.
+  const m = await mountLayer(usr, { memory: new InflatedSpanCache({ maxBytes: 512 << 20 }) });
+  tt.equal(await readAllAgainstOracle(m, usr, names), 0, `first pass: ${names.length} files equal the oracle`);
+  const fetches = m.spans.counters.fetches;
+  const first = m.nativeReads;
+  await dropPageCache(); // else the kernel answers the second pass from its page cache
+  tt.equal(await readAllAgainstOracle(m, usr, names), 0, 'second pass: every file equals the oracle');
+  const second = m.nativeReads;
+  tt.ok(second.reads - first.reads >= names.length / 2, `second pass: ${second.reads - first.reads} reads answered natively (${names.length} files)`);
+  tt.ok(second.bytes - first.bytes >= big[1].size, `${second.bytes - first.bytes} bytes copied natively (largest file ${big[1].size})`);
+  tt.equal(m.spans.counters.fetches, fetches, 'nothing fetched again');
+  tt.ok(m.counters.reads >= second.reads && m.counters.bytesRead >= second.bytes, 'the mount counters include the native reads');
+  await unmount(m);
+  tt.same(m.nativeReads, second, 'the figures stay readable after unmount');
+
+  // nativeReads: false: every read goes to JavaScript.
+  const js = await mountLayer(usr, { memory: new InflatedSpanCache({ maxBytes: 512 << 20 }), nativeReads: false });
+  tt.equal(await readAllAgainstOracle(js, usr, [big[0]]), 0);
+  await dropPageCache();
+  tt.equal(await readAllAgainstOracle(js, usr, [big[0]]), 0);
+  tt.equal(js.nativeReads.reads, 0, 'nativeReads: false answers nothing natively');
+  await unmount(js);
+
+  // A memory cache of three spans: spans are registered and dropped all the time under the
+  // readers; a span dropped while registered would be read after its buffer was reused.
+  const memory = new InflatedSpanCache({ maxBytes: 3 << 20 });
+  const tiny = await mountLayer(usr, { memory });
+  let wrong = 0;
+  for (let pass = 0; pass < 3; pass++) {
+    await dropPageCache();
+    const quarter = Math.ceil(names.length / 4);
+    const parts = [0, 1, 2, 3].map((i) => names.slice(i * quarter, (i + 1) * quarter));
+    wrong += (await Promise.all(parts.map((part) => readAllAgainstOracle(tiny, usr, part)))).reduce((x, y) => x + y, 0);
+  }
+  tt.equal(wrong, 0, '3 passes of 4 concurrent readers over every file: all equal the oracle');
+  tt.ok(memory.stats().evictions > 0, `the tiny cache evicted ${memory.stats().evictions} spans`);
+  tt.ok(tiny.nativeReads.reads > 0, `${tiny.nativeReads.reads} reads answered natively between evictions`);
+  await unmount(tiny);
+});
 
 t.test('registry outage: EIO within the timeout, then recovery; never wrong bytes', async (tt) => {
   const m = await mountLayer(usr, { fetchTimeoutMs: 1500, readAhead: false });
