@@ -3,7 +3,8 @@
  * files on local disk (the unpacked copy the layer was made from) in the same run:
  * - time to first byte of a cold small file (a fresh mount per sample);
  * - sequential read MB/s of a 100 MB file, cold (nothing local) and warm (spans in our memory
- *   cache; the kernel's page cache dropped before each timed read, for both sides);
+ *   cache; the kernel's page cache dropped before each timed read, for both sides), warm both
+ *   with the native read path (fs/native-read.ts) and with every read through JavaScript;
  * - `stat` of every file (ops/s);
  * - bytes fetched from the registry per byte read, for cold random reads;
  * - the serving process's RSS.
@@ -125,7 +126,7 @@ async function main(): Promise<void> {
     let n = 0;
     // One memory cache for the process, as in the daemon; emptied for every cold mount.
     const shared = new InflatedSpanCache();
-    const mount = async (memory?: InflatedSpanCache): Promise<LayerFs> => {
+    const mount = async (memory?: InflatedSpanCache, nativeReads = true): Promise<LayerFs> => {
       if (memory === undefined) {
         shared.clear();
         memory = shared;
@@ -136,6 +137,7 @@ async function main(): Promise<void> {
         index,
         source: { read: (o, l, d) => repo.readRange(desc, o, l, { digest: d }) },
         memory,
+        nativeReads,
       });
       mounts.push(m);
       return m;
@@ -176,9 +178,13 @@ async function main(): Promise<void> {
     };
     const cold: number[] = [];
     const warm: number[] = [];
+    const warmJs: number[] = [];
     const local: number[] = [];
     const runs = Math.max(1, Math.min(3, samples));
-    const bigMount = await mount(new InflatedSpanCache({ maxBytes: 512 << 20 }));
+    const bigCache = new InflatedSpanCache({ maxBytes: 512 << 20 });
+    const bigMount = await mount(bigCache);
+    // The same spans read through JavaScript (no native read path): what the native path gains.
+    const jsMount = await mount(bigCache, false);
     for (let i = 0; i < runs; i++) {
       const m = await mount();
       await dropCaches();
@@ -186,13 +192,19 @@ async function main(): Promise<void> {
       await umount(m);
     }
     await dd(join(bigMount.mountpoint, BIG_FILE)); // fills our memory cache
+    const native0 = bigMount.nativeReads;
+    const reads0 = bigMount.counters.reads;
     for (let i = 0; i < runs; i++) {
       await dropCaches();
       warm.push(await dd(join(bigMount.mountpoint, BIG_FILE)));
       await dropCaches();
+      warmJs.push(await dd(join(jsMount.mountpoint, BIG_FILE)));
+      await dropCaches();
       local.push(await dd(join(tree, BIG_FILE)));
     }
+    const nativeShare = (bigMount.nativeReads.reads - native0.reads) / Math.max(1, bigMount.counters.reads - reads0);
     await umount(bigMount);
+    await umount(jsMount);
     const mbps = (ms: number): number => bigSize / 1e6 / (ms / 1000);
 
     // 3. stat of every file (find stats each entry), cold mount vs local after dropping caches.
@@ -235,6 +247,7 @@ async function main(): Promise<void> {
       ['cold small file, time to first byte (median)', `${fmt(median(ttfbLazy))} ms`, `${fmt(median(ttfbLocal))} ms`, `${fmt(median(ttfbLazy) / median(ttfbLocal), 2)}× local`],
       ['100 MB file, cold sequential read', `${fmt(mbps(median(cold)))} MB/s`, `${fmt(mbps(median(local)))} MB/s`, `${fmt(mbps(median(cold)) / mbps(median(local)), 2)}×`],
       ['100 MB file, warm sequential read (goal ≥ 0.5×)', `${fmt(mbps(median(warm)))} MB/s`, `${fmt(mbps(median(local)))} MB/s`, `${fmt(mbps(median(warm)) / mbps(median(local)), 2)}×`],
+      ['100 MB file, warm, every read through JavaScript', `${fmt(mbps(median(warmJs)))} MB/s`, `${fmt(mbps(median(local)))} MB/s`, `${fmt(mbps(median(warmJs)) / mbps(median(local)), 2)}× (native path: ${fmt(median(warmJs) / median(warm), 2)}× faster, ${fmt(100 * nativeShare, 0)}% of its reads native)`],
       [`stat of every entry (${entries}), cold`, `${fmt(entries / (median(statLazy) / 1000), 0)} ops/s`, `${fmt(entries / (median(statLocal) / 1000), 0)} ops/s`, `${fmt(median(statLocal) / median(statLazy), 2)}×`],
       ['cold random reads (200 × 4–64 KiB): fetched per byte read', `${fmt(fetched / bytesAsked, 1)} B/B`, '', `${fmt(fetched / 1e6)} MB fetched for ${fmt(bytesAsked / 1e6, 2)} MB read in ${fmt(randomMs / 1000, 1)} s`],
       ['serving process RSS after the cold runs', `${fmt(rssCold / 2 ** 20, 0)} MiB`, '', `peak ${fmt(peakRss / 2 ** 20, 0)} MiB (the warm run holds the 100 MB file in a 512 MiB memory cache)`],

@@ -28,7 +28,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import { isAbsolute } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { FetcherError, type Descriptor, type Logger, type RegistryClient, type Repository } from '../fetcher/index.js';
-import { BackgroundFetcher, CompressedSpanStore, FuseError, InflatedSpanCache, InodeTable, SpanReadError, type LayerFs, type LayerFsOptions } from '../fs/index.js';
+import { BackgroundFetcher, CompressedSpanStore, FuseError, InflatedSpanCache, InodeTable, SpanReadError, type LayerFs, type LayerFsOptions, type NativeReadStats } from '../fs/index.js';
 import { readZtoc, type LayerIndex } from '../ztoc/index.js';
 import { DiscoverError, loadZtoc } from './discover.js';
 import {
@@ -107,6 +107,8 @@ interface Entry {
   mountMs: number;
   /** Cleared when the mount is taken down: a late callback then records nothing (no series comes back after forgetLayer). */
   live: { on: boolean };
+  /** The mount's native reads already reported to the metrics sink. */
+  nativeReported: NativeReadStats;
 }
 
 function message(err: unknown): string {
@@ -165,10 +167,14 @@ export class FuseManager {
               return v;
             },
             set: (layer, span, data) => memory.set(layer, span, data),
+            watch: (layer, watcher) => memory.watch(layer, watcher),
           };
     if (sink !== undefined) {
       this.progressTimer = setInterval(() => {
-        for (const e of this.mounts.values()) sink.backgroundProgress(e.params.layer.digest, e.fs.spans.localSpans, e.fs.spans.spanCount);
+        for (const e of this.mounts.values()) {
+          sink.backgroundProgress(e.params.layer.digest, e.fs.spans.localSpans, e.fs.spans.spanCount);
+          this.reportNativeReads(e);
+        }
       }, 5000);
       this.progressTimer.unref();
     }
@@ -475,7 +481,7 @@ export class FuseManager {
       });
       const mountMs = Math.round(performance.now() - t0);
       this.disk.retain(mountpoint, ztoc.ztoc.compressionInfo.spanDigests);
-      this.mounts.set(mountpoint, { fs, params, mountedAt: new Date().toISOString(), mountMs, live });
+      this.mounts.set(mountpoint, { fs, params, mountedAt: new Date().toISOString(), mountMs, live, nativeReported: { reads: 0, bytes: 0 } });
       this.background.add(fs.spans);
       sink?.mountLatency(digest, mountMs);
       log.info('layer mounted lazily', { image: params.imageRef, ztoc: params.ztoc.digest, spans: fs.spans.spanCount, local: fs.spans.localSpans, ms: mountMs, preloaded: pre !== undefined, tag: params.tag });
@@ -503,6 +509,15 @@ export class FuseManager {
     });
   }
 
+  /** Reports the mount's native reads since the last report (they never pass through onOp). */
+  private reportNativeReads(e: Entry): void {
+    const now = e.fs.nativeReads;
+    const reads = now.reads - e.nativeReported.reads;
+    if (reads <= 0 || !e.live.on) return;
+    this.sink?.nativeReads?.(e.params.layer.digest, reads, now.bytes - e.nativeReported.bytes);
+    e.nativeReported = now;
+  }
+
   private async takeDown(mountpoint: string, e: Entry): Promise<void> {
     this.mounts.delete(mountpoint);
     const digest = e.params.layer.digest;
@@ -525,6 +540,7 @@ export class FuseManager {
       const r = await runCommand('umount', ['-l', mountpoint]);
       if (r.code !== 0) throw new FuseManagerError('fuse', mountpoint, `cannot unmount: ${message(err)}; umount -l: ${r.stderr}`, { cause: err });
     } finally {
+      this.reportNativeReads(e); // a layer still mounted elsewhere keeps its count
       e.live.on = false;
       // The layer's series (FUSE ops, fetched bytes, progress, complete) go with its last mount,
       // else every layer ever mounted keeps its label sets for the manager's lifetime.
@@ -545,7 +561,7 @@ export class FuseManager {
       complete: spans.complete,
       bytesFetched: spans.counters.bytesFetched,
       fetches: spans.counters.fetches,
-      reads: spans.counters.reads,
+      reads: spans.counters.reads + e.fs.nativeReads.reads,
       fuseOps: e.fs.counters.ops,
       fuseErrors: e.fs.counters.errors,
       ...(bg !== undefined ? { background: { spansFetched: bg.spansFetched, bytesFetched: bg.bytesFetched, failures: bg.failures, complete: bg.complete } } : {}),

@@ -16,6 +16,8 @@ export interface FuseManagerInfo {
 export interface MetricsSink {
   /** One FUSE operation of a lazily mounted layer. */
   fuseOp(op: string, layer: string, ms: number, ok: boolean): void;
+  /** Reads of a layer answered by the native read path (no JavaScript, so no fuseOp), since the last report. */
+  nativeReads?(layer: string, reads: number, bytes: number): void;
   /** A lazy layer was mounted (zTOC load + FUSE mount). */
   mountLatency(layer: string, ms: number): void;
   /** Compressed bytes (and spans) fetched from the registry for a layer. */
@@ -63,6 +65,7 @@ export function safeSink(sink: MetricsSink | undefined, onError: (err: unknown) 
     layerMode: wrap(sink.layerMode),
     ...(sink.fuseManagerInfo !== undefined ? { fuseManagerInfo: wrap(sink.fuseManagerInfo) } : {}),
     ...(sink.forgetLayer !== undefined ? { forgetLayer: wrap(sink.forgetLayer) } : {}),
+    ...(sink.nativeReads !== undefined ? { nativeReads: wrap(sink.nativeReads) } : {}),
     ...(sink.render !== undefined ? { render: () => sink.render!() } : sink.text !== undefined ? { render: () => sink.text!() } : {}),
   };
 }

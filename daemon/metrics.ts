@@ -15,7 +15,7 @@
  *   soci_fs_image_operation_count_key        gauge      operation_type, image
  *
  * fed as upstream feeds them: `mount` (mountLatency), `synchronous_read` latency and
- * `synchronous_read_count` (fuseOp of a `read`), `node_readdir` in microseconds (fuseOp of a
+ * `synchronous_read_count` (fuseOp of a `read`, and nativeReads: reads answered without JavaScript), `node_readdir` in microseconds (fuseOp of a
  * `readdir`), the `fuse_*_failure_count` family (fuseOp with ok = false: `getattr` →
  * fuse_node_getattr_failure_count, `listxattr`/`getxattr` → fuse_node_listxattr_failure_count,
  * `lookup`, `open`, `readdir` → fuse_node_*, `read` → fuse_file_read_failure_count, anything
@@ -28,6 +28,8 @@
  *
  *   soci_ts_fuse_operation_duration_milliseconds  histogram  op            0.0625 … 16384 ms, doubling
  *   soci_ts_fuse_operation_errors_total           counter    op
+ *   soci_ts_fuse_native_reads_total               counter    layer         reads answered natively (not timed)
+ *   soci_ts_fuse_native_read_bytes_total          counter    layer
  *   soci_ts_layer_fetched_bytes_total             counter    layer         compressed bytes from the registry
  *   soci_ts_layer_fetched_spans_total             counter    layer
  *   soci_ts_layer_spans_local                     gauge      layer         spans in the span cache (backgroundProgress)
@@ -139,6 +141,8 @@ export interface MetricsSink {
   imageOperation?(operationType: string, image: string): void;
   /** Drops every per-layer series of the layer. */
   forgetLayer?(layer: string): void;
+  /** Reads of a layer answered natively (fs/native-read.ts) since the last report: counted, not timed. */
+  nativeReads?(layer: string, reads: number, bytes: number): void;
   /** The FUSE manager the snapshotter drives: its build, and whether it is the snapshotter's own (`current`). */
   fuseManagerInfo?(info: { version: string; build: string; protocol: number; current: boolean }): void;
 }
@@ -159,6 +163,7 @@ export const nullMetrics: MetricsSink = Object.freeze({
   served: () => undefined,
   imageOperation: () => undefined,
   forgetLayer: () => undefined,
+  nativeReads: () => undefined,
   fuseManagerInfo: () => undefined,
 });
 
@@ -211,6 +216,8 @@ class PromMetrics implements MetricsSink {
   private readonly imageOps: Gauge<'operation_type' | 'image'>;
   private readonly fuseMs: Histogram<'op'>;
   private readonly fuseErrors: Counter<'op'>;
+  private readonly nativeReadCount: Counter<'layer'>;
+  private readonly nativeReadBytes: Counter<'layer'>;
   private readonly fetchedBytes: Counter<'layer'>;
   private readonly fetchedSpans: Counter<'layer'>;
   private readonly spansLocal: Gauge<'layer'>;
@@ -277,6 +284,13 @@ class PromMetrics implements MetricsSink {
       buckets: [...FUSE_OP_BUCKETS],
       registers,
     });
+    this.nativeReadCount = new Counter({
+      name: 'soci_ts_fuse_native_reads_total',
+      help: 'FUSE reads of a layer answered by the native read path (bytes already inflated in memory), without JavaScript; not in the latency histograms.',
+      labelNames: ['layer'],
+      registers,
+    });
+    this.nativeReadBytes = new Counter({ name: 'soci_ts_fuse_native_read_bytes_total', help: 'Bytes of the reads answered by the native read path.', labelNames: ['layer'], registers });
     this.fuseErrors = new Counter({ name: 'soci_ts_fuse_operation_errors_total', help: 'FUSE operations that answered an error, by operation.', labelNames: ['op'], registers });
     this.fetchedBytes = new Counter({ name: 'soci_ts_layer_fetched_bytes_total', help: 'Compressed bytes of a layer fetched from the registry (on demand and in the background).', labelNames: ['layer'], registers });
     this.fetchedSpans = new Counter({ name: 'soci_ts_layer_fetched_spans_total', help: 'Spans of a layer fetched from the registry.', labelNames: ['layer'], registers });
@@ -355,6 +369,14 @@ class PromMetrics implements MetricsSink {
 
   operation(operationType: string, layer: string, ms: number): void {
     this.op<Observer>(this.opMs, 'ms', operationType, layer).observe(ms);
+  }
+
+  nativeReads(layer: string, reads: number, bytes: number): void {
+    if (reads <= 0) return;
+    this.byLayer<Adder>(this.nativeReadCount, 'native_reads', layer).inc(reads);
+    this.byLayer<Adder>(this.nativeReadBytes, 'native_read_bytes', layer).inc(bytes);
+    // Reads all the same: upstream's count includes them (its latency histogram cannot).
+    this.op<Adder>(this.opCount, 'n', 'synchronous_read_count', layer).inc(reads);
   }
 
   served(layer: string, bytes: number): void {

@@ -106,6 +106,24 @@ t.test('every span fetched in the background: the metric, the log and the disk c
   // A second mount of the same layer (as a second snapshot of it would have) keeps the manager's series.
   const extra = path.join(work, 'extra-mount');
   await mc.call('mount', { mountpoint: extra, imageRef: pushed.ref, layer: wireOf(layerDesc), ztoc: ztocDesc });
+  // Reads of spans in memory are answered natively in the manager, and counted as reads.
+  const big = ztoc.ztoc.files.filter((f) => f.type === 'reg').sort((x, y) => y.uncompressedSize - x.uncompressedSize)[0]!;
+  const name = big.name.replace(/^\.?\//, '');
+  const blob = path.join(work, 'layer.blob');
+  await writeFile(blob, (await registryRequest(registry, `/v2/bg/multi/blobs/${layerDesc.digest}`)).body);
+  const want = path.join(work, 'big.want');
+  await run('tar', ['-xzOf', blob, name], { stdoutFile: want });
+  const sha = async (f: string): Promise<string> => createHash('sha256').update(await readFile(f)).digest('hex');
+  t.equal(await sha(path.join(extra, name)), await sha(want), `${name} (${big.uncompressedSize} bytes): first read equals tar -xO`);
+  await run('sh', ['-c', 'sync; echo 3 > /proc/sys/vm/drop_caches']);
+  t.equal(await sha(path.join(extra, name)), await sha(want), 'second read (page cache dropped) equals tar -xO');
+  let native: number | undefined;
+  for (const end = Date.now() + 15_000; Date.now() < end; ) {
+    native = value(await scrapeDaemon(d), 'soci_ts_fuse_native_reads_total', { layer: indexed.digest, process: 'fuse-manager' });
+    if (native !== undefined && native > 0) break;
+    await new Promise((r) => setTimeout(r, 500));
+  }
+  t.ok(native !== undefined && native > 0, `soci_ts_fuse_native_reads_total{layer}: ${native} reads answered natively by the FUSE manager`);
   await c.remove(target);
   fams = await scrapeDaemon(d);
   t.same(seriesOf(fams, 'snapshotter'), [], 'the snapshot removed: no series of the layer is left in the snapshotter');

@@ -159,6 +159,9 @@ t.test('one sink over HTTP: names, types, labels, buckets and values', async (t)
   m.served!(L1, 4096);
   m.served!(L1, 100);
   m.imageOperation!('mount', 'sha256:' + 'a'.repeat(64));
+  m.nativeReads!(L1, 40, 40 << 17);
+  m.nativeReads!(L1, 2, 100);
+  m.nativeReads!(L2, 0, 0); // nothing new: no series
 
   fams = await scrape(srv);
   const P = { process: 'snapshotter' };
@@ -172,7 +175,10 @@ t.test('one sink over HTTP: names, types, labels, buckets and values', async (t)
 
   const allReads = [...readMs, 2];
   t.same(buckets(fams, 'soci_fs_operation_duration_milliseconds', { operation_type: 'synchronous_read', layer: L1 }).counts, cumulative(allReads, MILLISECOND_BUCKETS), 'FUSE reads feed upstream synchronous_read latency');
-  t.equal(value(fams, 'soci_fs_operation_count', { operation_type: 'synchronous_read_count', layer: L1 }), allReads.length, 'and synchronous_read_count');
+  t.equal(value(fams, 'soci_fs_operation_count', { operation_type: 'synchronous_read_count', layer: L1 }), allReads.length + 42, 'and synchronous_read_count, with the 42 reads answered natively');
+  t.equal(value(fams, 'soci_ts_fuse_native_reads_total', { layer: L1 }), 42, 'soci_ts_fuse_native_reads_total{layer}');
+  t.equal(value(fams, 'soci_ts_fuse_native_read_bytes_total', { layer: L1 }), (40 << 17) + 100, 'and their bytes');
+  t.equal(value(fams, 'soci_ts_fuse_native_reads_total', { layer: L2 }), undefined, 'no native reads reported: no series');
   t.equal(value(fams, 'soci_fs_operation_count', { operation_type: 'fuse_file_read_failure_count', layer: L1 }), 1, 'a failed read: fuse_file_read_failure_count');
   t.equal(value(fams, 'soci_fs_operation_count', { operation_type: 'fuse_node_lookup_failure_count', layer: L2 }), 3, 'failed lookups: fuse_node_lookup_failure_count');
   t.equal(value(fams, 'soci_fs_operation_count', { operation_type: 'fuse_unknown_operation_failure_count', layer: L2 }), 1, 'another failed op: fuse_unknown_operation_failure_count');
