@@ -75,6 +75,8 @@ declare module 'fuse-native' {
     unmount(cb: (err: Error | null) => void): void;
     /** fuse-native's fuse_thread_t of the mount (set by mount). */
     protected _thread: Buffer | null;
+    /** fuse-native's thread locals, one buffer per libfuse worker it made them for. */
+    protected _threads: Set<Buffer>;
     protected _fuseOptions(): string;
     protected _op_getxattr(signal: Signal, path: string, name: string, valueBuf: Buffer, position: number): void;
     protected _op_listxattr(signal: Signal, path: string, listBuf: Buffer): void;

@@ -16,7 +16,7 @@ export {
   type CompressedSpanStoreOptions,
 } from './cache.js';
 export { LayerFs, FuseError, checkFuse, type LayerFsOptions, type LayerFsCounters, type FuseErrorKind } from './layerfs.js';
-export { nativeReadAvailable, type NativeReadStats } from './native-read.js';
+export { nativeReadAvailable, threadLocalsReused, type NativeReadStats } from './native-read.js';
 export { unpackLayer, removeUnpackLeftovers, UnpackError, type UnpackOptions, type UnpackResult, type UnpackErrorKind } from './unpack.js';
 export {
   BackgroundFetcher,

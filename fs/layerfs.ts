@@ -115,6 +115,10 @@ class LayerFuse extends Fuse {
     return this._thread;
   }
 
+  get threadLocals(): number {
+    return this._threads.size;
+  }
+
   protected override _fuseOptions(): string {
     const base = super._fuseOptions();
     // The tree never changes: the kernel may also remember names that are not there (overlayfs
@@ -306,6 +310,14 @@ export class LayerFs {
     const n = this.native?.stats();
     if (n === undefined) return { ...this.own };
     return { ops: this.own.ops + n.reads, errors: this.own.errors, reads: this.own.reads + n.reads, bytesRead: this.own.bytesRead + n.bytes };
+  }
+
+  /**
+   * fuse-native thread locals made for this mount: one per libfuse worker that reached
+   * JavaScript, unless an ended worker's were reused (fs/native/fuse-fast.c). For diagnostics.
+   */
+  get threadLocals(): number {
+    return this.fuse.threadLocals;
   }
 
   /** Reads answered by the libfuse workers without JavaScript (zero without the native read path). */

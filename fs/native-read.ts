@@ -18,6 +18,7 @@ interface FastBinding {
   soci_fast_span(table: number, spanId: number, data: Buffer | null): number;
   soci_fast_hits(table: number, out: Uint32Array): number;
   soci_fast_stats(table: number, out: Float64Array): void;
+  soci_locals_reused_count(): number;
 }
 
 let binding: FastBinding | null | undefined;
@@ -43,6 +44,14 @@ function fastBinding(): FastBinding | null {
 /** Whether reads of inflated spans are answered natively (the binding was built by scripts/setup). */
 export function nativeReadAvailable(): boolean {
   return fastBinding() !== null;
+}
+
+/**
+ * How many times a new libfuse worker took an ended worker's fuse-native thread locals instead
+ * of new ones (fuse-fast.c), over the process; 0 without the binding.
+ */
+export function threadLocalsReused(): number {
+  return fastBinding()?.soci_locals_reused_count() ?? 0;
 }
 
 export interface NativeReadStats {

@@ -26,12 +26,85 @@
 static struct fuse *soci_fuse_new(struct fuse_chan *ch, struct fuse_args *args, const struct fuse_operations *op,
                                   size_t op_size, void *user_data);
 #define fuse_new soci_fuse_new
+/*
+ * Thread locals reused: fuse-native makes each libfuse worker's locals (a JS buffer and a
+ * uv_async_t on the event loop) on the worker's first request and never frees them (its
+ * thread-local key has no destructor), while libfuse 2 ends idle workers beyond 10 and starts
+ * new ones under load. Here the key gets a destructor that keeps an ended worker's locals on a
+ * free list, and a new worker of the same mount takes them instead of asking for new ones.
+ */
+static int soci_key_create(pthread_key_t *key, void (*destructor)(void *));
+static void *soci_getspecific(pthread_key_t key);
+#define pthread_key_create soci_key_create
+#define pthread_getspecific soci_getspecific
 /* fuse-native's NAPI_INIT registers its module; ours (at the end) registers both instead. */
 #include <node_api.h>
 #undef NAPI_MODULE
 #define NAPI_MODULE(modname, regfunc)
 #include FUSE_NATIVE_C
 #undef fuse_new
+#undef pthread_key_create
+#undef pthread_getspecific
+
+typedef struct soci_free_locals {
+  fuse_thread_locals_t *l;
+  struct soci_free_locals *next;
+} soci_free_locals_t;
+
+static pthread_mutex_t soci_free_lock = PTHREAD_MUTEX_INITIALIZER;
+static soci_free_locals_t *soci_free_list = NULL;
+static uint64_t soci_locals_reused = 0;
+
+/* A worker ended: its locals are idle (its last request was answered before it could end). */
+static void soci_locals_release(void *data) {
+  soci_free_locals_t *n = malloc(sizeof(*n));
+  if (n == NULL) return; /* leaked, as fuse-native would */
+  n->l = (fuse_thread_locals_t *) data;
+  pthread_mutex_lock(&soci_free_lock);
+  n->next = soci_free_list;
+  soci_free_list = n;
+  pthread_mutex_unlock(&soci_free_lock);
+}
+
+static int soci_key_create(pthread_key_t *key, void (*destructor)(void *)) {
+  return pthread_key_create(key, soci_locals_release);
+}
+
+static void *soci_getspecific(pthread_key_t key) {
+  void *data = pthread_getspecific(key);
+  if (data != NULL) return data;
+  void *ft = fuse_get_context()->private_data;
+  fuse_thread_locals_t *l = NULL;
+  pthread_mutex_lock(&soci_free_lock);
+  for (soci_free_locals_t **p = &soci_free_list; *p != NULL; p = &(*p)->next) {
+    if ((void *) (*p)->l->fuse == ft) {
+      soci_free_locals_t *n = *p;
+      *p = n->next;
+      l = n->l;
+      free(n);
+      soci_locals_reused++;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&soci_free_lock);
+  if (l != NULL) pthread_setspecific(key, l);
+  return l; /* NULL: fuse-native makes new locals */
+}
+
+/* The mount is going: its ended workers' locals leave the list (they stay allocated, as fuse-native's always did). */
+static void soci_forget_locals(void *ft) {
+  pthread_mutex_lock(&soci_free_lock);
+  for (soci_free_locals_t **p = &soci_free_list; *p != NULL;) {
+    if ((void *) (*p)->l->fuse == ft) {
+      soci_free_locals_t *n = *p;
+      *p = n->next;
+      free(n);
+    } else {
+      p = &(*p)->next;
+    }
+  }
+  pthread_mutex_unlock(&soci_free_lock);
+}
 
 // ---------------------------------------------------------------------------------------------
 
@@ -243,6 +316,7 @@ NAPI_METHOD(soci_fast_detach) {
   NAPI_ARGV(1)
   soci_table_t *t = soci_table_arg(env, argv[0]);
   if (t == NULL) return NULL;
+  soci_forget_locals(t->ft);
   pthread_rwlock_wrlock(&soci_lock);
   soci_table_free(env, t);
   while (soci_table_high > 0 && !soci_tables[soci_table_high - 1].used) soci_table_high--;
@@ -390,7 +464,18 @@ NAPI_METHOD(soci_fast_stats) {
   return NULL;
 }
 
+/* locals_reused() → how many times an ended worker's locals were taken by a new worker */
+NAPI_METHOD(soci_locals_reused_count) {
+  pthread_mutex_lock(&soci_free_lock);
+  double n = (double) soci_locals_reused;
+  pthread_mutex_unlock(&soci_free_lock);
+  napi_value v;
+  napi_create_double(env, n, &v);
+  return v;
+}
+
 static void soci_export(napi_env env, napi_value exports) {
+  NAPI_EXPORT_FUNCTION(soci_locals_reused_count)
   NAPI_EXPORT_FUNCTION(soci_fast_attach)
   NAPI_EXPORT_FUNCTION(soci_fast_detach)
   NAPI_EXPORT_FUNCTION(soci_fast_file)

@@ -15,7 +15,7 @@
 import t, { type Test } from 'tap';
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { chmod, mkdtemp, open, readdir, readFile, rm, stat } from 'node:fs/promises';
+import { chmod, mkdtemp, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
@@ -25,7 +25,7 @@ import { largeDirLayer, layer, run, testCacheDir, LARGE_DIR, LARGE_DIR_PERMS, ty
 import { compareTrees, snapshotTree, type TreeEntry } from '../helpers/tree.js';
 import { jsonLogger, RegistryClient, type Descriptor, type Logger } from '../../fetcher/index.js';
 import { buildZtocFromFile, LayerIndex } from '../../ztoc/index.js';
-import { CompressedSpanStore, InflatedSpanCache, LayerFs, nativeReadAvailable, type LayerFsOptions } from '../../fs/index.js';
+import { CompressedSpanStore, InflatedSpanCache, LayerFs, nativeReadAvailable, threadLocalsReused, type LayerFsOptions } from '../../fs/index.js';
 
 const work = await mkdtemp(path.join(tmpdir(), 'soci-ts-layerfs-'));
 const mounted = new Set<LayerFs>();
@@ -346,6 +346,34 @@ t.test('warm reads are answered natively, with the right bytes, also while spans
   tt.ok(memory.stats().evictions > 0, `the tiny cache evicted ${memory.stats().evictions} spans`);
   tt.ok(tiny.nativeReads.reads > 0, `${tiny.nativeReads.reads} reads answered natively between evictions`);
   await unmount(tiny);
+});
+
+t.test('libfuse workers that end leave their thread locals to the next ones (no growth burst after burst)', async (tt) => {
+  const m = await mountLayer(usr, { memory: new InflatedSpanCache({ maxBytes: 512 << 20 }), nativeReads: false });
+  const tree = await snapshotTree(usr.oracle, { hash: false });
+  const names = [...tree].filter(([, e]) => e.type === 'reg' && e.size > 0).map(([q]) => q);
+  const reused0 = threadLocalsReused();
+  const sizes: number[] = [];
+  // sha256sum of every file, 64 processes at a time (readers in this process would be only
+  // libuv's 4 threads): libfuse starts workers for them, and ends all but 10 once idle.
+  const list = path.join(work, 'burst-files');
+  await writeFile(list, names.map((q) => `${q}\0`).join(''));
+  // The shell changes into the mount, not spawn's cwd: libuv waits for the child's exec on the
+  // event loop, and a chdir into this process's own mount before it would never be answered.
+  const sums = async (dir: string): Promise<string> =>
+    (await run('sh', ['-c', `cd '${dir}' && xargs -0 -a '${list}' -P 64 -n 8 sha256sum | sort -k2`])).stdout;
+  const want = await sums(usr.oracle);
+  for (let burst = 0; burst < 4; burst++) {
+    await dropPageCache();
+    tt.equal(await sums(m.mountpoint), want, `burst ${burst + 1}: ${names.length} files, 64 readers at a time, equal the oracle`);
+    await new Promise((r) => setTimeout(r, 200));
+    sizes.push(m.threadLocals);
+  }
+  const reused = threadLocalsReused() - reused0;
+  tt.comment(`thread locals after each burst: ${sizes.join(', ')}; reused ${reused} times`);
+  tt.ok(reused > 0, 'new workers took ended workers\' locals');
+  tt.ok(sizes[3]! <= sizes[0]! + 8, `bursts 2–4 made few new locals (${sizes[0]} after the first, ${sizes[3]} after the fourth)`);
+  await unmount(m);
 });
 
 t.test('registry outage: EIO within the timeout, then recovery; never wrong bytes', async (tt) => {
