@@ -481,7 +481,7 @@ export class FuseManager {
       });
       const mountMs = Math.round(performance.now() - t0);
       this.disk.retain(mountpoint, ztoc.ztoc.compressionInfo.spanDigests);
-      this.mounts.set(mountpoint, { fs, params, mountedAt: new Date().toISOString(), mountMs, live, nativeReported: { reads: 0, bytes: 0 } });
+      this.mounts.set(mountpoint, { fs, params, mountedAt: new Date().toISOString(), mountMs, live, nativeReported: { reads: 0, bytes: 0, attrs: 0 } });
       this.background.add(fs.spans);
       sink?.mountLatency(digest, mountMs);
       log.info('layer mounted lazily', { image: params.imageRef, ztoc: params.ztoc.digest, spans: fs.spans.spanCount, local: fs.spans.localSpans, ms: mountMs, preloaded: pre !== undefined, tag: params.tag });

@@ -16,8 +16,8 @@ import { performance } from 'node:perf_hooks';
 import Fuse, { type FuseOps, type FuseStat } from 'fuse-native';
 import { nullLogger, type Logger } from '../fetcher/index.js';
 import type { LayerIndex } from '../ztoc/index.js';
-import { InodeTable, statfsOf, type Node } from './inodes.js';
-import { NativeReadTable, type NativeReadStats } from './native-read.js';
+import { InodeTable, ROOT_INO, statfsOf, type Node } from './inodes.js';
+import { NativeReadTable, type NativeReadStats, type NativeTreeEntry } from './native-read.js';
 import { SpanManager, type CompressedSpanStoreLike, type InflatedSpanCacheLike, type SpanSource } from './spans.js';
 
 const E = osConstants.errno;
@@ -309,7 +309,7 @@ export class LayerFs {
   get counters(): LayerFsCounters {
     const n = this.native?.stats();
     if (n === undefined) return { ...this.own };
-    return { ops: this.own.ops + n.reads, errors: this.own.errors, reads: this.own.reads + n.reads, bytesRead: this.own.bytesRead + n.bytes };
+    return { ops: this.own.ops + n.reads + n.attrs, errors: this.own.errors, reads: this.own.reads + n.reads, bytesRead: this.own.bytesRead + n.bytes };
   }
 
   /**
@@ -322,7 +322,7 @@ export class LayerFs {
 
   /** Reads answered by the libfuse workers without JavaScript (zero without the native read path). */
   get nativeReads(): NativeReadStats {
-    return this.native?.stats() ?? { reads: 0, bytes: 0 };
+    return this.native?.stats() ?? { reads: 0, bytes: 0, attrs: 0 };
   }
 
   private attachNative(memory: LayerFsOptions['memory']): void {
@@ -336,11 +336,38 @@ export class LayerFs {
     }
     const native = this.native;
     if (native === undefined) return;
+    native.tree(this.treeEntries());
     this.unwatch = memory.watch(this.layerDigest, {
       cached: (id, data) => native.span(id, data),
       dropped: (id) => native.span(id, undefined),
       recentlyUsed: () => native.recentlyUsed(),
     });
+  }
+
+  /** Every path of the tree as FUSE names it, with the stat getattr answers (walked from the root, as readdir lists it). */
+  private treeEntries(): NativeTreeEntry[] {
+    const out: NativeTreeEntry[] = [];
+    const add = (path: string, n: Node): void => {
+      const st = this.statOf(n);
+      const ms = st.mtime as unknown as number; // toFuseStat gives ms numbers
+      out.push({
+        path,
+        stat: { mode: st.mode, uid: st.uid, gid: st.gid, size: st.size, dev: st.dev, nlink: st.nlink, ino: st.ino, rdev: st.rdev, blksize: st.blksize, blocks: st.blocks, atimeMs: ms, mtimeMs: ms, ctimeMs: ms },
+        ...(n.kind === 'reg' ? { data: { offset: n.dataOffset, size: n.size } } : {}),
+      });
+    };
+    const root = this.table.get(ROOT_INO);
+    if (root === undefined) return out;
+    add('/', root);
+    const dirs: Array<[string, Node]> = [['', root]];
+    for (let d = dirs.pop(); d !== undefined; d = dirs.pop()) {
+      for (const e of this.table.readdir(d[1].ino) ?? []) {
+        const path = `${d[0]}/${e.name}`;
+        add(path, e.node);
+        if (e.node.kind === 'dir') dirs.push([path, e.node]);
+      }
+    }
+    return out;
   }
 
   private detachNative(): void {
@@ -520,8 +547,6 @@ export class LayerFs {
     const n = this.table.get(fd) ?? this.node(path);
     if (n === undefined) return cb(EBADF);
     if (n.kind !== 'reg') return cb(EISDIR);
-    // Later reads of this path whose spans are in memory are answered natively.
-    this.native?.file(path, n.dataOffset, n.size);
     this.own.reads++;
     const want = Math.min(len, n.size - pos);
     if (want <= 0) {

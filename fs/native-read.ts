@@ -1,7 +1,8 @@
 /**
- * The native read path (fs/native/fuse-fast.c): per mount, a table in the binding of the files
- * JavaScript has served and of the layer's inflated spans held in the memory cache, so that a
- * libfuse worker answers a warm read itself instead of waking the event loop.
+ * The native read path (fs/native/fuse-fast.c): per mount, a table in the binding of every path
+ * of the tree with its stat and data extent (registered at mount) and of the layer's inflated
+ * spans held in the memory cache, so that a libfuse worker answers getattr (and so lookups) and
+ * warm reads itself instead of waking the event loop.
  *
  * Available only when scripts/setup built fs/native into fuse-native's build/Release (the
  * binding then has the soci_fast_* functions); otherwise every read goes to JavaScript as before.
@@ -14,7 +15,7 @@ import type { LayerIndex } from '../ztoc/index.js';
 interface FastBinding {
   soci_fast_attach(thread: Buffer, spans: Float64Array): number;
   soci_fast_detach(table: number): void;
-  soci_fast_file(table: number, path: string, dataOffset: number, size: number): void;
+  soci_fast_tree(table: number, paths: string, stats: Uint32Array, extents: Float64Array): void;
   soci_fast_span(table: number, spanId: number, data: Buffer | null): number;
   soci_fast_hits(table: number, out: Uint32Array): number;
   soci_fast_stats(table: number, out: Float64Array): void;
@@ -58,6 +59,55 @@ export interface NativeReadStats {
   /** Reads the libfuse workers answered without JavaScript. */
   reads: number;
   bytes: number;
+  /** getattrs (and so lookups) answered without JavaScript. */
+  attrs: number;
+}
+
+/** The fields of a stat, as fuse-native's getattr takes them (times in ms since the epoch). */
+export interface NativeStat {
+  mode: number;
+  uid: number;
+  gid: number;
+  size: number;
+  dev: number;
+  nlink: number;
+  ino: number;
+  rdev: number;
+  blksize: number;
+  blocks: number;
+  atimeMs: number;
+  mtimeMs: number;
+  ctimeMs: number;
+}
+
+/** One path of the mount for {@link NativeReadTable.tree}; `data` for a regular file. */
+export interface NativeTreeEntry {
+  path: string;
+  stat: NativeStat;
+  data?: { offset: number; size: number };
+}
+
+/** fuse-native's stat layout: 18 uint32, 64-bit values as low, high. */
+const STAT_INTS = 18;
+function putStat(out: Uint32Array, at: number, st: NativeStat): void {
+  const put64 = (i: number, v: number): void => {
+    const low = v % 4294967296;
+    out[at + i] = low;
+    out[at + i + 1] = (v - low) / 4294967296;
+  };
+  out[at] = st.mode;
+  out[at + 1] = st.uid;
+  out[at + 2] = st.gid;
+  put64(3, st.size);
+  out[at + 5] = st.dev;
+  out[at + 6] = st.nlink || 1;
+  out[at + 7] = st.ino;
+  out[at + 8] = st.rdev;
+  out[at + 9] = st.blksize;
+  put64(10, st.blocks);
+  put64(12, st.atimeMs);
+  put64(14, st.mtimeMs);
+  put64(16, st.ctimeMs);
 }
 
 /** One mount's table in the binding. Every method is cheap and synchronous; none does I/O. */
@@ -66,7 +116,7 @@ export class NativeReadTable {
   private readonly id: number;
   private readonly spanCount: number;
   private readonly hitsOut: Uint32Array;
-  private readonly statsOut = new Float64Array(2);
+  private readonly statsOut = new Float64Array(3);
   private detached = false;
 
   private constructor(b: FastBinding, id: number, spanCount: number) {
@@ -91,9 +141,26 @@ export class NativeReadTable {
     return new NativeReadTable(b, b.soci_fast_attach(thread, pairs), index.spans.length);
   }
 
-  /** The file at `path` (as FUSE names it) holds tar bytes [dataOffset, dataOffset + size). */
-  file(path: string, dataOffset: number, size: number): void {
-    if (!this.detached) this.b.soci_fast_file(this.id, path, dataOffset, size);
+  /**
+   * Every path of the mount, with its stat and (regular files) its data's extent in the tar:
+   * getattr, lookups and reads of these paths are then answered natively (reads while their
+   * spans are in memory). The tree must be the mount's whole, unchanging tree.
+   */
+  tree(entries: readonly NativeTreeEntry[]): void {
+    if (this.detached) return;
+    const stats = new Uint32Array(entries.length * STAT_INTS);
+    const extents = new Float64Array(entries.length * 2).fill(-1);
+    const paths = new Array<string>(entries.length);
+    for (let i = 0; i < entries.length; i++) {
+      const e = entries[i]!;
+      paths[i] = e.path;
+      putStat(stats, i * STAT_INTS, e.stat);
+      if (e.data !== undefined) {
+        extents[2 * i] = e.data.offset;
+        extents[2 * i + 1] = e.data.size;
+      }
+    }
+    this.b.soci_fast_tree(this.id, paths.join('\0') + '\0', stats, extents);
   }
 
   /** The span's whole inflated bytes are `data` (kept alive by the table), or no longer in memory. */
@@ -110,7 +177,7 @@ export class NativeReadTable {
 
   stats(): NativeReadStats {
     if (!this.detached) this.b.soci_fast_stats(this.id, this.statsOut);
-    return { reads: this.statsOut[0]!, bytes: this.statsOut[1]! };
+    return { reads: this.statsOut[0]!, bytes: this.statsOut[1]!, attrs: this.statsOut[2]! };
   }
 
   /** Drops the table (idempotent); the spans it held are released. Later reads go to JavaScript. */

@@ -5,14 +5,18 @@
  * in memory then costs three thread wake-ups (libfuse worker → event loop → worker) and the event
  * loop's time, which caps a warm sequential read near 1 GB/s on this machine (fs/README.md).
  * Here the libfuse worker thread answers such a read itself: JavaScript registers, per mount,
- * the files it has served (path → tar offset and size) and the inflated spans held in the
+ * every file of the tree (path → tar offset and size) and the inflated spans held in the
  * memory cache; a read whose bytes are all in registered spans is copied in the worker and
- * never reaches JavaScript. Anything else (a file not registered yet, a span not in memory,
+ * never reaches JavaScript. Anything else (a span not in memory,
  * a read that ends in a span whose successor is not in memory, so that JavaScript sees the
  * reads that drive its read-ahead) goes to JavaScript exactly as before.
  *
- * fuse-native.c is included unchanged; only fuse_new is wrapped, to put our read op in front of
- * fuse-native's. Locking: one writer-preferring rwlock over every table. Workers hold it shared
+ * getattr likewise: JavaScript registers every path of the (immutable) tree with its stat at
+ * mount, and a worker answers getattr, and so the kernel's lookups (libfuse answers a lookup by
+ * getattr), from that table; a path not in it goes to JavaScript.
+ *
+ * fuse-native.c is included unchanged; only fuse_new is wrapped, to put our read and getattr
+ * ops in front of fuse-native's. Locking: one writer-preferring rwlock over every table. Workers hold it shared
  * for one lookup and copy (≤ 128 KiB); JavaScript takes it exclusively to change a table, which
  * is never more than a short wait (never I/O) on the event loop.
  */
@@ -114,7 +118,12 @@ typedef struct {
   uint64_t hash;
   uint64_t data_offset;
   uint64_t size;
+  uint8_t has_data; /* a regular file whose extent is known: reads may be answered */
+  uint32_t attr;    /* 1 + index into attr_ints of its stat, or 0: getattr goes to JavaScript */
 } soci_file_t;
+
+/* fuse-native's stat layout (populate_stat): 18 uint32 per entry. */
+#define SOCI_STAT_INTS 18
 
 typedef struct {
   int used;
@@ -128,8 +137,11 @@ typedef struct {
   soci_file_t *files;
   uint32_t file_cap; /* power of two */
   uint32_t file_count;
+  uint32_t *attr_ints;
+  uint32_t attr_count;
   uint64_t reads; /* answered natively */
   uint64_t bytes;
+  uint64_t attrs; /* getattrs answered natively */
 } soci_table_t;
 
 #define SOCI_MAX_TABLES 4096
@@ -137,6 +149,7 @@ static soci_table_t soci_tables[SOCI_MAX_TABLES];
 static uint32_t soci_table_high = 0; /* slots [0, high) may be used */
 static pthread_rwlock_t soci_lock;
 static int (*soci_js_read)(const char *, char *, size_t, off_t, struct fuse_file_info *) = NULL;
+static int (*soci_js_getattr)(const char *, struct stat *) = NULL;
 
 static uint64_t soci_hash(const char *s, size_t n) {
   uint64_t h = 1469598103934665603ULL; /* FNV-1a */
@@ -183,7 +196,7 @@ static int soci_try_read(void *ft, const char *path, char *buf, size_t len, off_
     }
   }
   soci_file_t *f = t == NULL ? NULL : soci_find_file(t, path, n, h);
-  if (f == NULL || t->span_count == 0) goto out;
+  if (f == NULL || !f->has_data || t->span_count == 0) goto out;
   if ((uint64_t) offset >= f->size || len == 0) {
     res = 0;
     __atomic_add_fetch(&t->reads, 1, __ATOMIC_RELAXED);
@@ -213,6 +226,28 @@ out:
   return res;
 }
 
+static soci_table_t *soci_table_of(void *ft) {
+  for (uint32_t i = 0; i < soci_table_high; i++) if (soci_tables[i].used && soci_tables[i].ft == ft) return &soci_tables[i];
+  return NULL;
+}
+
+static int soci_getattr(const char *path, struct stat *st) {
+  size_t n = strlen(path);
+  uint64_t h = soci_hash(path, n);
+  int found = 0;
+  pthread_rwlock_rdlock(&soci_lock);
+  soci_table_t *t = soci_table_of(fuse_get_context()->private_data);
+  soci_file_t *f = t == NULL ? NULL : soci_find_file(t, path, n, h);
+  if (f != NULL && f->attr != 0) {
+    memset(st, 0, sizeof(*st));
+    populate_stat(t->attr_ints + (size_t) (f->attr - 1) * SOCI_STAT_INTS, st);
+    __atomic_add_fetch(&t->attrs, 1, __ATOMIC_RELAXED);
+    found = 1;
+  }
+  pthread_rwlock_unlock(&soci_lock);
+  return found ? 0 : soci_js_getattr(path, st);
+}
+
 static int soci_read(const char *path, char *buf, size_t len, off_t offset, struct fuse_file_info *info) {
   int res = soci_try_read(fuse_get_context()->private_data, path, buf, len, offset);
   if (res != INT32_MIN) return res;
@@ -225,6 +260,10 @@ static struct fuse *soci_fuse_new(struct fuse_chan *ch, struct fuse_args *args, 
   if (op->read != NULL) {
     soci_js_read = op->read; /* the same function for every mount */
     ours.read = soci_read;
+  }
+  if (op->getattr != NULL) {
+    soci_js_getattr = op->getattr;
+    ours.getattr = soci_getattr;
   }
   return fuse_new(ch, args, &ours, op_size, user_data);
 }
@@ -250,6 +289,7 @@ static void soci_table_free(napi_env env, soci_table_t *t) {
   free(t->span_ref);
   free(t->span_hit);
   free(t->files);
+  free(t->attr_ints);
   memset(t, 0, sizeof(*t));
 }
 
@@ -324,64 +364,99 @@ NAPI_METHOD(soci_fast_detach) {
   return NULL;
 }
 
-/* file(table, path: string, dataOffset: number, size: number): registers (or updates) a file */
-NAPI_METHOD(soci_fast_file) {
-  NAPI_ARGV(4)
-  soci_table_t *t = soci_table_arg(env, argv[0]);
-  if (t == NULL) return NULL;
-  size_t n;
-  if (napi_get_value_string_utf8(env, argv[1], NULL, 0, &n) != napi_ok) {
-    napi_throw_error(env, NULL, "fast read: path must be a string");
-    return NULL;
-  }
-  char *path = malloc(n + 1);
-  if (path == NULL) {
-    napi_throw_error(env, NULL, "fast read: out of memory");
-    return NULL;
-  }
-  napi_get_value_string_utf8(env, argv[1], path, n + 1, &n);
-  double off, size;
-  if (napi_get_value_double(env, argv[2], &off) != napi_ok || napi_get_value_double(env, argv[3], &size) != napi_ok ||
-      !(off >= 0) || !(size >= 0)) {
-    free(path);
-    napi_throw_error(env, NULL, "fast read: offset and size must be non-negative numbers");
-    return NULL;
-  }
-  uint64_t h = soci_hash(path, n);
-  pthread_rwlock_wrlock(&soci_lock);
+/* The entry for path (taking ownership of it), made if new; NULL when out of memory. Exclusive lock held. */
+static soci_file_t *soci_insert(soci_table_t *t, char *path, size_t n, uint64_t h) {
   soci_file_t *f = soci_find_file(t, path, n, h);
   if (f != NULL) {
     free(path);
-  } else {
-    if ((t->file_count + 1) * 2 > t->file_cap) {
-      uint32_t cap = t->file_cap * 2;
-      soci_file_t *files = calloc(cap, sizeof(soci_file_t));
-      if (files == NULL) {
-        pthread_rwlock_unlock(&soci_lock);
-        free(path);
-        return NULL; /* the file just stays with JavaScript */
-      }
-      for (uint32_t i = 0; i < t->file_cap; i++) {
-        if (t->files[i].path == NULL) continue;
-        uint32_t j = (uint32_t) t->files[i].hash & (cap - 1);
-        while (files[j].path != NULL) j = (j + 1) & (cap - 1);
-        files[j] = t->files[i];
-      }
-      free(t->files);
-      t->files = files;
-      t->file_cap = cap;
-    }
-    uint32_t j = (uint32_t) h & (t->file_cap - 1);
-    while (t->files[j].path != NULL) j = (j + 1) & (t->file_cap - 1);
-    f = &t->files[j];
-    f->path = path;
-    f->path_len = (uint32_t) n;
-    f->hash = h;
-    t->file_count++;
+    return f;
   }
-  f->data_offset = (uint64_t) off;
-  f->size = (uint64_t) size;
+  if ((t->file_count + 1) * 2 > t->file_cap) {
+    uint32_t cap = t->file_cap * 2;
+    soci_file_t *files = calloc(cap, sizeof(soci_file_t));
+    if (files == NULL) {
+      free(path);
+      return NULL; /* the path just stays with JavaScript */
+    }
+    for (uint32_t i = 0; i < t->file_cap; i++) {
+      if (t->files[i].path == NULL) continue;
+      uint32_t j = (uint32_t) t->files[i].hash & (cap - 1);
+      while (files[j].path != NULL) j = (j + 1) & (cap - 1);
+      files[j] = t->files[i];
+    }
+    free(t->files);
+    t->files = files;
+    t->file_cap = cap;
+  }
+  uint32_t j = (uint32_t) h & (t->file_cap - 1);
+  while (t->files[j].path != NULL) j = (j + 1) & (t->file_cap - 1);
+  f = &t->files[j];
+  f->path = path;
+  f->path_len = (uint32_t) n;
+  f->hash = h;
+  t->file_count++;
+  return f;
+}
+
+/*
+ * tree(table, paths: string (each path ends with a NUL), stats: Uint32Array(18 per path),
+ * extents: Float64Array(2 per path: tar offset and size of a regular file's data, or -1, -1)):
+ * every path of the mount with its stat, so that getattr (and lookup, which libfuse answers by
+ * getattr) and the reads of regular files are answered without JavaScript.
+ */
+NAPI_METHOD(soci_fast_tree) {
+  NAPI_ARGV(4)
+  soci_table_t *t = soci_table_arg(env, argv[0]);
+  if (t == NULL) return NULL;
+  size_t len;
+  if (napi_get_value_string_utf8(env, argv[1], NULL, 0, &len) != napi_ok) {
+    napi_throw_error(env, NULL, "fast read: paths must be a string");
+    return NULL;
+  }
+  napi_typedarray_type type, etype;
+  size_t count, ecount;
+  void *data, *edata;
+  if (napi_get_typedarray_info(env, argv[2], &type, &count, &data, NULL, NULL) != napi_ok || type != napi_uint32_array ||
+      count % SOCI_STAT_INTS != 0 || napi_get_typedarray_info(env, argv[3], &etype, &ecount, &edata, NULL, NULL) != napi_ok ||
+      etype != napi_float64_array || ecount != 2 * (count / SOCI_STAT_INTS)) {
+    napi_throw_error(env, NULL, "fast read: tree needs a Uint32Array of stats and a Float64Array of extents, per path");
+    return NULL;
+  }
+  size_t entries = count / SOCI_STAT_INTS;
+  char *all = malloc(len + 1);
+  uint32_t *ints = malloc(count * sizeof(uint32_t) + 1);
+  if (all == NULL || ints == NULL) {
+    free(all);
+    free(ints);
+    napi_throw_error(env, NULL, "fast read: out of memory");
+    return NULL;
+  }
+  napi_get_value_string_utf8(env, argv[1], all, len + 1, &len);
+  memcpy(ints, data, count * sizeof(uint32_t));
+  const double *ext = (const double *) edata;
+  pthread_rwlock_wrlock(&soci_lock);
+  free(t->attr_ints);
+  t->attr_ints = ints;
+  t->attr_count = (uint32_t) entries;
+  size_t pos = 0;
+  for (size_t i = 0; i < entries && pos < len; i++) {
+    size_t n = strnlen(all + pos, len - pos);
+    char *path = malloc(n + 1);
+    if (path == NULL) break;
+    memcpy(path, all + pos, n);
+    path[n] = 0;
+    soci_file_t *f = soci_insert(t, path, n, soci_hash(path, n));
+    pos += n + 1;
+    if (f == NULL) break;
+    f->attr = (uint32_t) i + 1;
+    if (ext[2 * i] >= 0 && ext[2 * i + 1] >= 0) {
+      f->data_offset = (uint64_t) ext[2 * i];
+      f->size = (uint64_t) ext[2 * i + 1];
+      f->has_data = 1;
+    }
+  }
   pthread_rwlock_unlock(&soci_lock);
+  free(all);
   return NULL;
 }
 
@@ -447,7 +522,7 @@ NAPI_METHOD(soci_fast_hits) {
   NAPI_RETURN_UINT32(n)
 }
 
-/* stats(table, out: Float64Array(2)): [reads, bytes] answered natively */
+/* stats(table, out: Float64Array(3)): [reads, bytes, getattrs] answered natively */
 NAPI_METHOD(soci_fast_stats) {
   NAPI_ARGV(2)
   soci_table_t *t = soci_table_arg(env, argv[0]);
@@ -455,12 +530,13 @@ NAPI_METHOD(soci_fast_stats) {
   napi_typedarray_type type;
   size_t cap;
   void *data;
-  if (napi_get_typedarray_info(env, argv[1], &type, &cap, &data, NULL, NULL) != napi_ok || type != napi_float64_array || cap < 2) {
-    napi_throw_error(env, NULL, "fast read: stats needs a Float64Array(2)");
+  if (napi_get_typedarray_info(env, argv[1], &type, &cap, &data, NULL, NULL) != napi_ok || type != napi_float64_array || cap < 3) {
+    napi_throw_error(env, NULL, "fast read: stats needs a Float64Array(3)");
     return NULL;
   }
   ((double *) data)[0] = (double) __atomic_load_n(&t->reads, __ATOMIC_RELAXED);
   ((double *) data)[1] = (double) __atomic_load_n(&t->bytes, __ATOMIC_RELAXED);
+  ((double *) data)[2] = (double) __atomic_load_n(&t->attrs, __ATOMIC_RELAXED);
   return NULL;
 }
 
@@ -478,7 +554,7 @@ static void soci_export(napi_env env, napi_value exports) {
   NAPI_EXPORT_FUNCTION(soci_locals_reused_count)
   NAPI_EXPORT_FUNCTION(soci_fast_attach)
   NAPI_EXPORT_FUNCTION(soci_fast_detach)
-  NAPI_EXPORT_FUNCTION(soci_fast_file)
+  NAPI_EXPORT_FUNCTION(soci_fast_tree)
   NAPI_EXPORT_FUNCTION(soci_fast_span)
   NAPI_EXPORT_FUNCTION(soci_fast_hits)
   NAPI_EXPORT_FUNCTION(soci_fast_stats)

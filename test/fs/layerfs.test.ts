@@ -134,13 +134,21 @@ const usr = await pushLayer({ tree: 'usr-small', format: 'gnu', compression: 'gz
 t.comment(`special layer: ${special.desc.size} bytes, ${special.index.spans.length} spans; usr-small: ${usr.desc.size} bytes, ${usr.index.spans.length} spans`);
 
 async function checkAgainstTar(tt: Test, p: Pushed, label: string): Promise<void> {
-  const m = await mountLayer(p);
-  const got = await snapshotTree(m.mountpoint);
   const want = overlayConvert(await snapshotTree(p.oracle));
-  // The root is the mountpoint / the extraction dir: its own attributes are not the layer's.
-  compareTrees(tt, got, want, label, { ignore: (q) => q === '.' });
-  tt.ok(m.spans.counters.fetches > 0, `${label}: data came through range reads (${m.spans.counters.fetches} fetches)`);
-  await unmount(m);
+  // Both ways of answering: getattr, lookups and warm reads in the libfuse workers (the
+  // default), and everything through JavaScript.
+  for (const nativeReads of [true, false]) {
+    const how = `${label}, ${nativeReads ? 'native getattr and reads' : 'all through JavaScript'}`;
+    const m = await mountLayer(p, { nativeReads });
+    const got = await snapshotTree(m.mountpoint);
+    // The root is the mountpoint / the extraction dir: its own attributes are not the layer's.
+    compareTrees(tt, got, want, how, { ignore: (q) => q === '.' });
+    tt.ok(m.spans.counters.fetches > 0, `${how}: data came through range reads (${m.spans.counters.fetches} fetches)`);
+    const native = m.nativeReads;
+    if (nativeReads) tt.ok(native.attrs >= got.size - 1, `${how}: ${native.attrs} getattrs answered natively for ${got.size} paths`);
+    else tt.equal(native.attrs + native.reads, 0, `${how}: nothing answered natively`);
+    await unmount(m);
+  }
 }
 
 t.test('single-layer mount equals tar -x: special tree (hardlinks, symlinks, long names, xattrs, devices, whiteouts)', async (tt) => {
