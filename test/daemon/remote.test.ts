@@ -819,7 +819,9 @@ t.test('metrics sink: the FUSE manager reports FUSE operations, fetched bytes, c
       t.equal(sha256(data), oracle.get(f.name)!.sha256, `${f.name} reads right from the layer mount`);
       t.equal(seen.fetched, served(big.digest), `fetched bytes reported = bytes the registry served (${seen.fetched})`);
       t.ok(seen.fetches >= 1, 'span fetches counted');
-      t.ok((seen.ops.get('read') ?? 0) >= 1 && (seen.ops.get('getattr') ?? 0) >= 1, `FUSE operations reported (${[...seen.ops].map(([k, v]) => `${k}=${v}`).join(' ')})`);
+      // getattr and lookups are answered in the libfuse workers (the native path, not timed);
+      // the cold read and the open reach JavaScript and are reported.
+      t.ok((seen.ops.get('read') ?? 0) >= 1 && (seen.ops.get('open') ?? 0) >= 1, `FUSE operations reported (${[...seen.ops].map(([k, v]) => `${k}=${v}`).join(' ')})`);
       t.ok(seen.memory >= 1, `memory cache lookups reported (${seen.memory})`);
       t.same(seen.other, [], 'no fetch errors');
       t.same(await mc.call('metrics', {}), { text: `soci_fs_test_fetched_bytes ${seen.fetched}\n` }, "the metrics call answers the sink's text");
