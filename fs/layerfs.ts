@@ -85,12 +85,12 @@ export interface LayerFsOptions {
   /** `allow_other` + `default_permissions`, so containers read as any user. Default true. */
   allowOther?: boolean;
   /**
-   * Answer reads of files already read once, whose spans are in the memory cache, in the
-   * libfuse worker (native-read.ts) instead of JavaScript. Default true; without the binding
-   * built by scripts/setup (or with SOCI_TS_NATIVE_READ=0) every read goes to JavaScript.
+   * Answer getattr (and so lookups) of every path, and reads whose spans are in the memory
+   * cache, in the libfuse worker (native-read.ts) instead of JavaScript. Default true; without
+   * the binding built by scripts/setup (or with SOCI_TS_NATIVE_READ=0) everything goes to JavaScript.
    */
   nativeReads?: boolean;
-  /** Called after every FUSE operation JavaScript answers (for latency metrics; reads answered natively are counted in `counters`, not timed). */
+  /** Called after every FUSE operation JavaScript answers (for latency metrics; getattrs and reads answered natively are counted in `counters`, not timed). */
   onOp?: (op: string, ms: number, ok: boolean) => void;
   /**
    * The kernel's read-ahead for the mount, in KiB (its bdi `read_ahead_kb`; 0 leaves the
@@ -305,7 +305,7 @@ export class LayerFs {
     return fs;
   }
 
-  /** What the kernel asked of this mount, the reads answered natively included. */
+  /** What the kernel asked of this mount, the getattrs and reads answered natively included. */
   get counters(): LayerFsCounters {
     const n = this.native?.stats();
     if (n === undefined) return { ...this.own };
@@ -320,7 +320,7 @@ export class LayerFs {
     return this.fuse.threadLocals;
   }
 
-  /** Reads answered by the libfuse workers without JavaScript (zero without the native read path). */
+  /** Reads and getattrs answered by the libfuse workers without JavaScript (zero without the native read path). */
   get nativeReads(): NativeReadStats {
     return this.native?.stats() ?? { reads: 0, bytes: 0, attrs: 0 };
   }
@@ -348,13 +348,7 @@ export class LayerFs {
   private treeEntries(): NativeTreeEntry[] {
     const out: NativeTreeEntry[] = [];
     const add = (path: string, n: Node): void => {
-      const st = this.statOf(n);
-      const ms = st.mtime as unknown as number; // toFuseStat gives ms numbers
-      out.push({
-        path,
-        stat: { mode: st.mode, uid: st.uid, gid: st.gid, size: st.size, dev: st.dev, nlink: st.nlink, ino: st.ino, rdev: st.rdev, blksize: st.blksize, blocks: st.blocks, atimeMs: ms, mtimeMs: ms, ctimeMs: ms },
-        ...(n.kind === 'reg' ? { data: { offset: n.dataOffset, size: n.size } } : {}),
-      });
+      out.push({ path, stat: this.statOf(n), ...(n.kind === 'reg' ? { data: { offset: n.dataOffset, size: n.size } } : {}) });
     };
     const root = this.table.get(ROOT_INO);
     if (root === undefined) return out;

@@ -10,6 +10,7 @@
  */
 import { createRequire } from 'node:module';
 import { dirname } from 'node:path';
+import type { FuseStat } from 'fuse-native';
 import type { LayerIndex } from '../ztoc/index.js';
 
 interface FastBinding {
@@ -63,33 +64,20 @@ export interface NativeReadStats {
   attrs: number;
 }
 
-/** The fields of a stat, as fuse-native's getattr takes them (times in ms since the epoch). */
-export interface NativeStat {
-  mode: number;
-  uid: number;
-  gid: number;
-  size: number;
-  dev: number;
-  nlink: number;
-  ino: number;
-  rdev: number;
-  blksize: number;
-  blocks: number;
-  atimeMs: number;
-  mtimeMs: number;
-  ctimeMs: number;
-}
-
 /** One path of the mount for {@link NativeReadTable.tree}; `data` for a regular file. */
 export interface NativeTreeEntry {
   path: string;
-  stat: NativeStat;
+  /** As the JavaScript getattr answers it (times as Dates or ms numbers, as fuse-native takes them). */
+  stat: FuseStat;
   data?: { offset: number; size: number };
 }
 
-/** fuse-native's stat layout: 18 uint32, 64-bit values as low, high. */
+/** A stat time as fuse-native's getattr reads it: ms numbers pass as they are. */
+const msOf = (t: Date | number): number => (typeof t === 'number' ? t : t.getTime());
+
+/** fuse-native's stat layout (its getStatArray): 18 uint32, 64-bit values as low, high. */
 const STAT_INTS = 18;
-function putStat(out: Uint32Array, at: number, st: NativeStat): void {
+function putStat(out: Uint32Array, at: number, st: FuseStat): void {
   const put64 = (i: number, v: number): void => {
     const low = v % 4294967296;
     out[at + i] = low;
@@ -105,9 +93,9 @@ function putStat(out: Uint32Array, at: number, st: NativeStat): void {
   out[at + 8] = st.rdev;
   out[at + 9] = st.blksize;
   put64(10, st.blocks);
-  put64(12, st.atimeMs);
-  put64(14, st.mtimeMs);
-  put64(16, st.ctimeMs);
+  put64(12, msOf(st.atime));
+  put64(14, msOf(st.mtime));
+  put64(16, msOf(st.ctime));
 }
 
 /** One mount's table in the binding. Every method is cheap and synchronous; none does I/O. */

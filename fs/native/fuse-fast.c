@@ -138,7 +138,6 @@ typedef struct {
   uint32_t file_cap; /* power of two */
   uint32_t file_count;
   uint32_t *attr_ints;
-  uint32_t attr_count;
   uint64_t reads; /* answered natively */
   uint64_t bytes;
   uint64_t attrs; /* getattrs answered natively */
@@ -181,6 +180,12 @@ static uint32_t soci_span_for(soci_table_t *t, uint64_t off) {
   return lo;
 }
 
+/* The mount's table (shared lock held), or NULL. */
+static soci_table_t *soci_table_of(void *ft) {
+  for (uint32_t i = 0; i < soci_table_high; i++) if (soci_tables[i].used && soci_tables[i].ft == ft) return &soci_tables[i];
+  return NULL;
+}
+
 /* Answers the read into buf and returns its result, or returns INT32_MIN: not answerable here. */
 static int soci_try_read(void *ft, const char *path, char *buf, size_t len, off_t offset) {
   if (offset < 0) return INT32_MIN;
@@ -188,13 +193,7 @@ static int soci_try_read(void *ft, const char *path, char *buf, size_t len, off_
   uint64_t h = soci_hash(path, n);
   int res = INT32_MIN;
   pthread_rwlock_rdlock(&soci_lock);
-  soci_table_t *t = NULL;
-  for (uint32_t i = 0; i < soci_table_high; i++) {
-    if (soci_tables[i].used && soci_tables[i].ft == ft) {
-      t = &soci_tables[i];
-      break;
-    }
-  }
+  soci_table_t *t = soci_table_of(ft);
   soci_file_t *f = t == NULL ? NULL : soci_find_file(t, path, n, h);
   if (f == NULL || !f->has_data || t->span_count == 0) goto out;
   if ((uint64_t) offset >= f->size || len == 0) {
@@ -224,11 +223,6 @@ static int soci_try_read(void *ft, const char *path, char *buf, size_t len, off_
 out:
   pthread_rwlock_unlock(&soci_lock);
   return res;
-}
-
-static soci_table_t *soci_table_of(void *ft) {
-  for (uint32_t i = 0; i < soci_table_high; i++) if (soci_tables[i].used && soci_tables[i].ft == ft) return &soci_tables[i];
-  return NULL;
 }
 
 static int soci_getattr(const char *path, struct stat *st) {
@@ -280,6 +274,17 @@ static soci_table_t *soci_table_arg(napi_env env, napi_value v) {
   return &soci_tables[id];
 }
 
+/* A typed array argument of the given type, at least `min` elements: its data, or NULL (thrown). */
+static void *soci_typed_arg(napi_env env, napi_value v, napi_typedarray_type want, size_t min, size_t *count, const char *what) {
+  napi_typedarray_type type;
+  void *data;
+  if (napi_get_typedarray_info(env, v, &type, count, &data, NULL, NULL) != napi_ok || type != want || *count < min) {
+    napi_throw_error(env, NULL, what);
+    return NULL;
+  }
+  return data;
+}
+
 static void soci_table_free(napi_env env, soci_table_t *t) {
   for (uint32_t i = 0; i < t->span_count; i++) if (t->span_ref[i] != NULL) napi_delete_reference(env, t->span_ref[i]);
   for (uint32_t i = 0; i < t->file_cap; i++) free(t->files[i].path);
@@ -302,15 +307,14 @@ NAPI_METHOD(soci_fast_attach) {
     napi_throw_error(env, NULL, "fast read: not a fuse-native thread buffer");
     return NULL;
   }
-  napi_typedarray_type type;
+  static const char *const bad_spans = "fast read: spans must be a Float64Array of start, end pairs";
   size_t count;
-  void *data;
-  if (napi_get_typedarray_info(env, argv[1], &type, &count, &data, NULL, NULL) != napi_ok || type != napi_float64_array ||
-      count % 2 != 0 || count / 2 > UINT32_MAX) {
-    napi_throw_error(env, NULL, "fast read: spans must be a Float64Array of start, end pairs");
+  const double *pairs = soci_typed_arg(env, argv[1], napi_float64_array, 0, &count, bad_spans);
+  if (pairs == NULL) return NULL;
+  if (count % 2 != 0 || count / 2 > UINT32_MAX) {
+    napi_throw_error(env, NULL, bad_spans);
     return NULL;
   }
-  const double *pairs = (const double *) data;
   uint32_t spans = (uint32_t) (count / 2);
   for (uint32_t i = 0; i < spans; i++) {
     if (!(pairs[2 * i] >= 0 && pairs[2 * i + 1] >= pairs[2 * i] && (i == 0 || pairs[2 * i] == pairs[2 * i - 1]))) {
@@ -413,13 +417,14 @@ NAPI_METHOD(soci_fast_tree) {
     napi_throw_error(env, NULL, "fast read: paths must be a string");
     return NULL;
   }
-  napi_typedarray_type type, etype;
+  static const char *const bad_tree = "fast read: tree needs a Uint32Array of stats and a Float64Array of extents, per path";
   size_t count, ecount;
-  void *data, *edata;
-  if (napi_get_typedarray_info(env, argv[2], &type, &count, &data, NULL, NULL) != napi_ok || type != napi_uint32_array ||
-      count % SOCI_STAT_INTS != 0 || napi_get_typedarray_info(env, argv[3], &etype, &ecount, &edata, NULL, NULL) != napi_ok ||
-      etype != napi_float64_array || ecount != 2 * (count / SOCI_STAT_INTS)) {
-    napi_throw_error(env, NULL, "fast read: tree needs a Uint32Array of stats and a Float64Array of extents, per path");
+  const uint32_t *data = soci_typed_arg(env, argv[2], napi_uint32_array, 0, &count, bad_tree);
+  if (data == NULL) return NULL;
+  const double *ext = soci_typed_arg(env, argv[3], napi_float64_array, 0, &ecount, bad_tree);
+  if (ext == NULL) return NULL;
+  if (count % SOCI_STAT_INTS != 0 || ecount != 2 * (count / SOCI_STAT_INTS)) {
+    napi_throw_error(env, NULL, bad_tree);
     return NULL;
   }
   size_t entries = count / SOCI_STAT_INTS;
@@ -433,11 +438,9 @@ NAPI_METHOD(soci_fast_tree) {
   }
   napi_get_value_string_utf8(env, argv[1], all, len + 1, &len);
   memcpy(ints, data, count * sizeof(uint32_t));
-  const double *ext = (const double *) edata;
   pthread_rwlock_wrlock(&soci_lock);
   free(t->attr_ints);
   t->attr_ints = ints;
-  t->attr_count = (uint32_t) entries;
   size_t pos = 0;
   for (size_t i = 0; i < entries && pos < len; i++) {
     size_t n = strnlen(all + pos, len - pos);
@@ -502,14 +505,9 @@ NAPI_METHOD(soci_fast_hits) {
   NAPI_ARGV(2)
   soci_table_t *t = soci_table_arg(env, argv[0]);
   if (t == NULL) return NULL;
-  napi_typedarray_type type;
   size_t cap;
-  void *data;
-  if (napi_get_typedarray_info(env, argv[1], &type, &cap, &data, NULL, NULL) != napi_ok || type != napi_uint32_array) {
-    napi_throw_error(env, NULL, "fast read: hits needs a Uint32Array");
-    return NULL;
-  }
-  uint32_t *out = (uint32_t *) data;
+  uint32_t *out = soci_typed_arg(env, argv[1], napi_uint32_array, 0, &cap, "fast read: hits needs a Uint32Array");
+  if (out == NULL) return NULL;
   uint32_t n = 0;
   pthread_rwlock_wrlock(&soci_lock);
   for (uint32_t i = 0; i < t->span_count && n < cap; i++) {
@@ -527,16 +525,12 @@ NAPI_METHOD(soci_fast_stats) {
   NAPI_ARGV(2)
   soci_table_t *t = soci_table_arg(env, argv[0]);
   if (t == NULL) return NULL;
-  napi_typedarray_type type;
   size_t cap;
-  void *data;
-  if (napi_get_typedarray_info(env, argv[1], &type, &cap, &data, NULL, NULL) != napi_ok || type != napi_float64_array || cap < 3) {
-    napi_throw_error(env, NULL, "fast read: stats needs a Float64Array(3)");
-    return NULL;
-  }
-  ((double *) data)[0] = (double) __atomic_load_n(&t->reads, __ATOMIC_RELAXED);
-  ((double *) data)[1] = (double) __atomic_load_n(&t->bytes, __ATOMIC_RELAXED);
-  ((double *) data)[2] = (double) __atomic_load_n(&t->attrs, __ATOMIC_RELAXED);
+  double *out = soci_typed_arg(env, argv[1], napi_float64_array, 3, &cap, "fast read: stats needs a Float64Array(3)");
+  if (out == NULL) return NULL;
+  out[0] = (double) __atomic_load_n(&t->reads, __ATOMIC_RELAXED);
+  out[1] = (double) __atomic_load_n(&t->bytes, __ATOMIC_RELAXED);
+  out[2] = (double) __atomic_load_n(&t->attrs, __ATOMIC_RELAXED);
   return NULL;
 }
 
