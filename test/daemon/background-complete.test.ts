@@ -69,7 +69,11 @@ t.test('every span fetched in the background: the metric, the log and the disk c
   );
   t.same(await mc.call('preload', { imageRef: pushed.ref, layer: wireOf(layerDesc), ztoc: ztocDesc }), { preloaded: true }, 'preload of the layer\'s zTOC');
   await t.rejects(c.prepare(`extract ${target}`, '', labels), { code: status.ALREADY_EXISTS }, 'the layer is served lazily');
-  const mountedLine = (await readFile(path.join(root, 'fuse-manager.log'), 'utf8')).split('\n').find((l) => l.includes('"msg":"layer mounted lazily"'));
+  // The manager logs before it answers, but its log file is written asynchronously: wait for the line.
+  let mountedLine: string | undefined;
+  for (const end = Date.now() + 10_000; mountedLine === undefined && Date.now() < end; await new Promise((r) => setTimeout(r, 100))) {
+    mountedLine = (await readFile(path.join(root, 'fuse-manager.log'), 'utf8')).split('\n').find((l) => l.includes('"msg":"layer mounted lazily"'));
+  }
   t.match(mountedLine, /"preloaded":true/, 'the mount used the preloaded zTOC and inode table');
 
   let complete: number | undefined;
