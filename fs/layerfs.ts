@@ -547,7 +547,7 @@ export class LayerFs {
       this.done('read', t0, true);
       return cb(0);
     }
-    const cached = this.spans.readCachedInto(n.dataOffset + pos, want, buf);
+    const cached = this.spans.readCachedInto(n.dataOffset + pos, want, buf, n.dataOffset + n.size);
     if (cached >= 0) {
       this.own.bytesRead += cached;
       this.done('read', t0, true);
@@ -555,7 +555,7 @@ export class LayerFs {
     }
     const pending: PendingRead = { cb };
     this.pending.add(pending);
-    this.spans.read(n.dataOffset + pos, want).then(
+    this.spans.read(n.dataOffset + pos, want, n.dataOffset + n.size).then(
       (data) => {
         if (!this.pending.delete(pending)) return; // answered at unmount
         const copied = data.copy(buf, 0, 0, Math.min(data.length, len));

@@ -179,11 +179,13 @@ export class SpanManager {
   /**
    * `length` bytes of the layer's uncompressed tar from `offset` (clamped to the archive). Fails
    * with SpanReadError when the registry does not deliver within the fetch timeout.
+   * `extentEnd`: where the data of the file being read ends in the tar, when the caller knows
+   * (a read continuing within a file fetches the next span ahead only if the file goes on there).
    */
-  async read(offset: number, length: number): Promise<Buffer> {
+  async read(offset: number, length: number, extentEnd?: number): Promise<Buffer> {
     this.foreground++;
     try {
-      return await this.readSpans(offset, length);
+      return await this.readSpans(offset, length, extentEnd);
     } finally {
       this.foreground--;
     }
@@ -195,7 +197,7 @@ export class SpanManager {
    * many, or -1 (nothing copied, nothing counted) when some of them are not in memory yet, so
    * the caller goes on with `read`. A warm FUSE read is answered in the callback that asked.
    */
-  readCachedInto(offset: number, length: number, dst: Buffer): number {
+  readCachedInto(offset: number, length: number, dst: Buffer, extentEnd?: number): number {
     const size = this.index.ztoc.uncompressedArchiveSize;
     if (offset >= size || length <= 0 || dst.length === 0) return 0;
     const end = Math.min(size, offset + length, offset + dst.length);
@@ -217,7 +219,7 @@ export class SpanManager {
     this.counters.reads++;
     this.counters.memoryHits += last - first + 1;
     this.counters.bytesRead += pos;
-    if (this.readAhead) this.readAheadAfter(offset, end, last);
+    if (this.readAhead) this.readAheadAfter(offset, end, last, extentEnd);
     return pos;
   }
 
@@ -231,7 +233,7 @@ export class SpanManager {
     return running.produced >= Math.min(end, span.uncompressedEnd) - span.uncompressedStart ? running.buf : undefined;
   }
 
-  private async readSpans(offset: number, length: number): Promise<Buffer> {
+  private async readSpans(offset: number, length: number, extentEnd: number | undefined): Promise<Buffer> {
     const size = this.index.ztoc.uncompressedArchiveSize;
     if (offset >= size || length <= 0) return Buffer.alloc(0);
     const end = Math.min(size, offset + length);
@@ -245,7 +247,7 @@ export class SpanManager {
       const upTo = Math.min(span.uncompressedEnd, end) - span.uncompressedStart;
       pending.push(this.spanData(id, upTo));
     }
-    if (this.readAhead) this.readAheadAfter(offset, end, last);
+    if (this.readAhead) this.readAheadAfter(offset, end, last, extentEnd);
     let parts: Buffer[];
     try {
       parts = await this.withTimeout(Promise.all(pending), `bytes ${offset}+${end - offset}`);
@@ -280,20 +282,21 @@ export class SpanManager {
 
   /**
    * Read-ahead after a read of [offset, end) ending in span `last`. A read that continues the
-   * previous one (within a file) fetches the next span; a streak of reads moving forwards with
+   * previous one (within a file) fetches the next span, unless the file (`extentEnd`) ends in
+   * this one: a whole span fetched for nothing, most of a small read's bytes; a streak of reads moving forwards with
    * small gaps (file after file in tar order: `find | xargs cat`, an image's start-up reading
    * its libraries) fetches the next spans once it has read a span's worth, so that the fetch
    * of what comes next overlaps the reading of what is here. A random read resets the streak.
    */
-  private readAheadAfter(offset: number, end: number, last: number): void {
+  private readAheadAfter(offset: number, end: number, last: number, extentEnd: number | undefined): void {
     const gap = offset - this.lastReadEnd;
     // The kernel's own read-ahead answers a little out of order: a short step back is still
     // forwards. The streak is the distance moved, to the furthest byte read.
     const forwards = this.lastReadEnd >= 0 && gap >= -READ_AHEAD_MAX_GAP && gap <= READ_AHEAD_MAX_GAP;
     this.streak = forwards ? this.streak + Math.max(0, end - this.lastReadEnd) : end - offset;
     this.lastReadEnd = forwards ? Math.max(this.lastReadEnd, end) : end;
-    let ahead = gap === 0 ? 1 : 0;
     const span = this.index.spans[last]!;
+    let ahead = gap === 0 && (extentEnd === undefined || extentEnd > span.uncompressedEnd) ? 1 : 0;
     if (forwards && this.streak >= span.uncompressedEnd - span.uncompressedStart) ahead = READ_AHEAD_STREAK_SPANS;
     for (let id = last + 1; id <= last + ahead && id < this.index.spans.length; id++) this.prefetch(id);
   }

@@ -160,6 +160,27 @@ t.test('sequential reads fetch the next span ahead', async (t) => {
   t.equal(m.counters.fetches - before, m.counters.readAheads - aheadBefore, 'reading it fetches nothing (but the spans it reads ahead)');
 });
 
+t.test('a file ending in the span it is read from fetches nothing ahead; one going on does', async (t) => {
+  const m = manager();
+  const span = index.spans[20]!;
+  // A 200 KiB file in the middle of span 20, read in two contiguous requests.
+  const fileEnd = span.uncompressedStart + 65536 + 204800;
+  await m.read(span.uncompressedStart + 65536, 131072, fileEnd);
+  await m.read(span.uncompressedStart + 65536 + 131072, 73728, fileEnd);
+  t.equal(m.counters.readAheads, 0, 'no read-ahead: the file ends in span 20');
+  t.equal(m.state(21), 'unfetched', 'span 21 not fetched');
+  t.equal(m.counters.fetches, 1, 'only span 20 fetched');
+
+  // The same two reads of a file that goes on into span 21.
+  const n = manager();
+  const longEnd = index.spans[21]!.uncompressedStart + 1000;
+  await n.read(span.uncompressedStart + 65536, 131072, longEnd);
+  await n.read(span.uncompressedStart + 65536 + 131072, 73728, longEnd);
+  t.equal(n.counters.readAheads, 1, 'read-ahead of the span the file goes on in');
+  for (let i = 0; i < 200 && n.state(21) !== 'inflated'; i++) await new Promise((r) => setTimeout(r, 5));
+  t.equal(n.state(21), 'inflated', 'span 21 fetched ahead');
+});
+
 t.test('reads moving forwards with gaps (file after file) fetch two spans ahead once a span is read; random reads none', async (t) => {
   const m = manager();
   const first = index.spans[10]!;
