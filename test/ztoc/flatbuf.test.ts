@@ -102,6 +102,31 @@ t.test('flatc decodes our zTOC with the project schema', async (t) => {
   t.pass('every entry matches field by field');
 });
 
+t.test('strings many entries share are stored once, and flatc reads them back per entry', async (t) => {
+  // Without the checkpoints (most of this small layer's zTOC, and they hold file text).
+  const fileTable = encodeZtoc({ ...ztoc, compressionInfo: { ...ztoc.compressionInfo, checkpoints: new Uint8Array(0) } });
+  const occurrences = (needle: string): number => {
+    const hay = Buffer.from(fileTable);
+    const n = Buffer.from(needle);
+    let count = 0;
+    for (let at = hay.indexOf(n); at !== -1; at = hay.indexOf(n, at + 1)) count++;
+    return count;
+  };
+  // Debian's docs are owned by root:root and all carry the same type: one copy of each string.
+  const rootOwned = ztoc.files.filter((f) => f.uname === 'root').length;
+  t.ok(rootOwned > 10, `${rootOwned} entries owned by root`);
+  t.equal(occurrences('root'), 1, 'the owner name "root" is in the buffer once');
+  t.equal(occurrences('reg'), 1, 'the type "reg" is in the buffer once');
+  // flatc, writing the same zTOC from its own JSON, stores a copy per field: ours is smaller.
+  const json = await flatcDecode(dir, fileTable, SCHEMA, 'shared');
+  const jsonPath = join(dir, 'shared-in.json');
+  await writeFile(jsonPath, JSON.stringify(json));
+  await run('flatc', ['-b', '-o', dir, SCHEMA, jsonPath]);
+  const flatcBytes = await readFile(join(dir, 'shared-in.bin'));
+  t.ok(fileTable.length < flatcBytes.length * 0.8, `ours ${fileTable.length} B < 0.8 × flatc's ${flatcBytes.length} B`);
+  t.same(decodeZtoc(flatcBytes).files, ztoc.files, 'both hold the same file table');
+});
+
 t.test('flatc decodes the zTOC of an uncompressed layer: fields against tar -tv, tar -xO and the file', async (t) => {
   const spanSize = 64 << 10;
   const z = await buildZtocFromFile(plain, { spanSize });
