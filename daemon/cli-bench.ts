@@ -37,6 +37,7 @@ interface Flags {
   out?: string;
   ideal?: boolean;
   keepLogs?: boolean;
+  logLevel?: 'debug' | 'info' | 'warn' | 'error';
   coldDaemon?: boolean;
   rtt: number;
   bandwidth: number;
@@ -55,6 +56,7 @@ function coldstartCommand(): Command {
     .option('--out <dir>', 'where results.json, report.md and chart.svg go (default: bench/results/coldstart in the checkout)')
     .option('--ideal', 'also show the ideal: the bytes the lazy run fetched, at the bandwidth')
     .option('--keep-logs', "keep the snapshotter's and the FUSE manager's logs of every soci-ts run (OUT/logs/)")
+    .addOption(new Option('--log-level <level>', "the soci-ts snapshotter's and FUSE manager's log level (what --keep-logs keeps)").choices(['debug', 'info', 'warn', 'error']).default('info'))
     .option('--cold-daemon', 'restart the soci-ts snapshotter (and its FUSE manager) on a fresh root before every lazy run, as right after a boot (default: it keeps running, checked to hold nothing, like containerd)')
     .addOption(new Option('--rtt <duration>', 'round-trip time of the simulated WAN').argParser(parseDuration).default(20, '20ms'))
     .addOption(new Option('--bandwidth <rate>', 'bandwidth of the simulated WAN, each way (tc units: 100mbit, 1gbit)').argParser(parseBandwidth).default(100e6, '100mbit'))
@@ -100,6 +102,7 @@ A full run (both networks, 3 workloads, 2 modes, 5 runs) takes a while; the quic
           outDir: flags.out ?? bench.DEFAULT_OUT_DIR,
           ideal: flags.ideal === true,
           keepLogs: flags.keepLogs === true,
+          ...(flags.logLevel !== undefined ? { logLevel: flags.logLevel } : {}),
           coldDaemon: flags.coldDaemon === true,
           rttMs: flags.rtt,
           bandwidthBps: flags.bandwidth,

@@ -253,7 +253,7 @@ async function restartSnapshotter(env: Env, logLabel?: string): Promise<void> {
   s.generation++;
   s.root = join(env.dir, 'snapshotter', String(s.generation));
   await mkdir(s.root, { recursive: true });
-  s.daemon = await startSnapshotter({ root: s.root, address: s.address, logLevel: 'info', startTimeoutMs: 60_000 });
+  s.daemon = await startSnapshotter({ root: s.root, address: s.address, logLevel: env.opts.logLevel ?? 'info', startTimeoutMs: 60_000 });
   env.cleanup.trackGroup(s.daemon.pid);
   // A host's snapshotter runs long before a pull: its FUSE manager (started with it) is up.
   await waitManagerStarted(s.daemon, 60_000);

@@ -42,6 +42,8 @@ export interface ColdstartOptions {
   imageCacheDir: string;
   /** Keep the snapshotter's and the FUSE manager's logs of every soci-ts run under OUT/logs/. */
   keepLogs?: boolean;
+  /** The soci-ts snapshotter's log level (default info). */
+  logLevel?: 'debug' | 'info' | 'warn' | 'error';
   /** Restart the soci-ts snapshotter on a fresh root before every lazy run (default: keep it running when it holds nothing). */
   coldDaemon?: boolean;
   /** Where progress lines go (default stderr). */
