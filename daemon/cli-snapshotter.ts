@@ -90,7 +90,7 @@ Metrics of both processes are served together at GET /metrics on the metrics add
       const control = await ControlServer.start({
         socket: controlSocket,
         logger,
-        handlers: { rpull: rpullHandler(logger, registryTuning(config)) },
+        handlers: { rpull: rpullHandler(logger, registryTuning(config), remoteSnapshots) },
         isUserError: isRpullServiceUserError,
       }).catch((err: unknown) => {
         logger.warn('control socket not served: soci-ts rpull pulls in its own process', { socket: controlSocket, error: err });

@@ -78,8 +78,12 @@ const DIGEST_RE = /^sha256:[0-9a-f]{64}$/;
 const NO_INDEX_TTL_MS = 60_000;
 const IMAGE_CACHE_ENTRIES = 64;
 const DOWNLOAD_CONCURRENCY = 3;
-/** zTOCs of an image's later layers fetched ahead into the store, this many at a time. */
-const ZTOC_PREFETCH_CONCURRENCY = 3;
+/**
+ * zTOCs of an image's later layers fetched ahead into the store, this many at a time: one, in
+ * layer order, because containerd prepares the layers bottom up, so on a thin link the first
+ * layer's zTOC should not share the bandwidth with the others (each is preloaded as it lands).
+ */
+const ZTOC_PREFETCH_CONCURRENCY = 1;
 const UNUSED_DOWNLOAD_MS = 10 * 60_000;
 const RECONNECT_MIN_MS = 1000;
 const RECONNECT_MAX_MS = 60_000;
@@ -642,15 +646,41 @@ export class RemoteSnapshots {
     return { repo, manifest, descriptor: fetched.descriptor, index, noIndex, diffIds: configDiffIds(repo, manifest.config, manifest.layers.length), at: Date.now() };
   }
 
-  /** Starts downloading this and the following layers that will be unpacked locally. */
-  private prefetchLocalLayers(info: ImageInfo, req: RemoteRequest): void {
+  /**
+   * Starts, for an image whose manifest a pull in this process has just fetched, what its first
+   * remote Prepare would start (index discovery, the zTOC and local-layer downloads, the FUSE
+   * manager), so that they overlap the pull's own config fetch and content writes instead of
+   * waiting for containerd's first Prepare. `layers`: the layer digests in order. Never throws;
+   * a failure is logged at debug and left to the Prepares.
+   */
+  warm(imageRef: string, manifestDigest: string, layers: readonly string[]): void {
+    if (layers.length === 0) return;
+    const req: RemoteRequest = { target: '', imageRef, manifestDigest, layerDigest: layers[0]!, imageLayers: [...layers] };
+    this.imageInfo(req).then(
+      (info) => {
+        if (info.index === undefined) return;
+        this.manager().catch(() => undefined);
+        const before = this.ztocFetches.size;
+        this.prefetchLocalLayers(info, req, true);
+        this.prefetchZtocs(info, req);
+        this.log.info('image warmed for its pull: index found, zTOCs fetching ahead', { image: imageRef, index: info.index.digest, ztocs: this.ztocFetches.size - before });
+      },
+      (err: unknown) => this.log.debug('warming an image for its pull failed (its Prepares try again)', { image: imageRef, error: err }),
+    );
+  }
+
+  /**
+   * Starts downloading this and the following layers that will be unpacked locally
+   * (`ahead`: no layer is being prepared yet, so none of them is wanted when already committed).
+   */
+  private prefetchLocalLayers(info: ImageInfo, req: RemoteRequest, ahead = false): void {
     const wanted = new Set(req.imageLayers.length > 0 ? req.imageLayers : [req.layerDigest]);
     for (const l of info.manifest.layers) {
       if (!wanted.has(l.digest)) continue;
       const z = info.index?.ztocFor(l.digest);
       if (z !== undefined && l.size >= this.deps.settings.minLayerSize) continue;
       // Already committed (another image shares it at the same chain position): nothing to fetch.
-      if (l.digest !== req.layerDigest && this.deps.metadata.layerMode(l.digest)?.mode === 'local') continue;
+      if ((ahead || l.digest !== req.layerDigest) && this.deps.metadata.layerMode(l.digest)?.mode === 'local') continue;
       this.downloads.prefetch(info.repo, l);
     }
   }

@@ -47,7 +47,12 @@ export function checkRpullRequest(p: Record<string, unknown>): RpullRequest {
 }
 
 /** The control socket's `rpull` handler; `log` is the daemon's own logger (one line per request). */
-export function rpullHandler(log: Logger, tuning: ReturnType<typeof registryTuning>): (params: Record<string, unknown>, ctx: ControlContext) => Promise<RpullReply> {
+export function rpullHandler(
+  log: Logger,
+  tuning: ReturnType<typeof registryTuning>,
+  /** The serving snapshotter's remote snapshots (see RemoteSnapshots.warm), when it has them. */
+  remote?: { warm(imageRef: string, manifestDigest: string, layers: readonly string[]): void },
+): (params: Record<string, unknown>, ctx: ControlContext) => Promise<RpullReply> {
   return async (params, ctx) => {
     const req = checkRpullRequest(params);
     const ref = parseReference(req.ref);
@@ -70,6 +75,10 @@ export function rpullHandler(log: Logger, tuning: ReturnType<typeof registryTuni
         logger,
         onEvent: (e) => ctx.emit(e),
         signal: ctx.signal,
+        // The Prepares this pull sends come to this snapshotter (whose control socket the client found).
+        ...(remote !== undefined
+          ? { onManifest: (m: { imageRef: string; manifestDigest: string; layers: string[] }) => remote.warm(m.imageRef, m.manifestDigest, m.layers) }
+          : {}),
       });
       log.info('rpull served for a client', { image: r.image, namespace: r.namespace, layers: r.layers.length, lazy: r.layers.filter((l) => l.outcome === 'lazy').length, ms: Date.now() - t0 });
       return { json: rpullResultJson(r), summary: summarize(r) };

@@ -164,6 +164,12 @@ export interface RpullOptions {
   logger: Logger;
   onEvent?: (e: RpullEvent) => void;
   signal?: AbortSignal;
+  /**
+   * Called once the image manifest is known (its digest and layer digests), before the config
+   * fetch and the layers: a snapshotter serving this pull starts its index discovery and zTOC
+   * downloads then. Must not throw.
+   */
+  onManifest?: (m: { imageRef: string; manifestDigest: string; layers: string[] }) => void;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -435,6 +441,7 @@ async function pull(c: Ctx, imageName: string, started: number): Promise<RpullRe
     manifestBytes = top.bytes;
   }
   if (!isManifestMediaType(manifestDesc.mediaType)) throw new RpullError(imageName, `not an image manifest: ${manifestDesc.mediaType}`);
+  opts.onManifest?.({ imageRef: imageName, manifestDigest: manifestDesc.digest, layers: manifest.layers.filter((l) => isContainerdLayerType(l.mediaType)).map((l) => l.digest) });
   await storeContent(c, manifestDesc, childGcLabels([manifest.config, ...manifest.layers]), () => bufferSource(manifestBytes));
 
   const configBytes = await repo.fetchBlob(manifest.config, 16 << 20);

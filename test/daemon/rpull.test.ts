@@ -581,6 +581,12 @@ t.test('an indexed image: every layer served by the snapshotter, no layer blob i
   // Through the snapshotter's control socket (ROOT/control.sock): the snapshotter pulls.
   const r = await rpullJson(t, ns, p.ref, ['--root', root2], ctd2);
   t.equal(daemon2.logLines().filter((l) => l.msg === 'rpull served for a client').length, 1, 'the snapshotter did the pull (rpull --root ROOT found its control socket)');
+  // As soon as the manifest was known, before containerd's first Prepare mounted a layer, the
+  // snapshotter started fetching the image's zTOCs.
+  const msgs = daemon2.logLines().map((l) => l.msg);
+  const warmed = daemon2.logLines().find((l) => l.msg === 'image warmed for its pull: index found, zTOCs fetching ahead');
+  t.equal(warmed?.ztocs, indexed.size, `warmed: ${indexed.size} zTOC(s) fetched ahead`);
+  t.ok(msgs.indexOf('image warmed for its pull: index found, zTOCs fetching ahead') < msgs.indexOf('layer mounted lazily: committed as a remote snapshot'), 'before the first layer was mounted');
   const chain = chainIdsOf(multi);
   t.same(
     r.layers.map((l) => [l.digest, l.chainId, l.outcome, l.fetchedBytes]),
